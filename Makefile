@@ -1,0 +1,49 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   creates .venv, installs chatkit and runs the Gradio demo on http://127.0.0.1:7860
+#   make test   creates or reuses .venv, installs, and runs every test (unit, property, doctests,
+#               notebooks via nbval, the Gradio client and browser tests)
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export GRADIO_ANALYTICS_ENABLED := False
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench chromium clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The browser tests drive Debian's chromium (never a downloaded browser build).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+demo: install
+	$(BIN)/python demo_app.py
+
+test: install chromium
+	$(BIN)/python -m pytest --doctest-modules \
+	  --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg \
+	  chatkit tests notebooks $(PYTEST_ARGS)
+
+# Everything but notebooks and browser, for a quick edit-test loop.
+test-fast: install
+	$(BIN)/python -m pytest --doctest-modules chatkit tests -m "not browser and not model" $(PYTEST_ARGS)
+
+bench: install
+	for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis test-artifacts

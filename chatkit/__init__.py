@@ -1,0 +1,81 @@
+"""chatkit: chatbots that stay correct under concurrency.
+
+``import chatkit`` is light: the lock, the timeline and the exceptions load at once; everything that
+needs LangChain, LangGraph, faiss, torch or Gradio loads on first use of its name.
+
+Example:
+    >>> import asyncio, chatkit
+    >>> lock = chatkit.KeyedLock(timeout=5)
+    >>> async def main():
+    ...     async with lock("session-1"):
+    ...         return lock.is_busy("session-1")
+    >>> asyncio.run(main())
+    True
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import ChatkitError, LockQueueFull, LockTimeout, SessionBusy, SessionNotFound
+from .lock import KeyedLock, KeyStatistics, LockEvent, LockStatistics
+from .timeline import Timeline, TimelineRow
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; imported on first attribute access (PEP 562)
+_LAZY: dict[str, str] = {
+    "CowVectorStore": "chatkit.vectorstore",
+    "StoreSnapshot": "chatkit.vectorstore",
+    "DocumentRecord": "chatkit.vectorstore",
+    "NaiveVectorStore": "chatkit.naive_store",
+    "HashEmbeddings": "chatkit.embeddings",
+    "default_embeddings": "chatkit.embeddings",
+    "ExtractiveChatModel": "chatkit.models",
+    "load_local_chat_model": "chatkit.models",
+    "SessionManager": "chatkit.sessions",
+    "ChatResult": "chatkit.sessions",
+    "ChatMessage": "chatkit.sessions",
+    "run": "chatkit.runner",
+    "experiments": "chatkit.experiments",
+}
+
+__all__ = [
+    "ChatkitError",
+    "LockQueueFull",
+    "LockTimeout",
+    "SessionBusy",
+    "SessionNotFound",
+    "KeyedLock",
+    "KeyStatistics",
+    "LockEvent",
+    "LockStatistics",
+    "Timeline",
+    "TimelineRow",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'chatkit' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if module.endswith("." + name) else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from . import experiments
+    from .embeddings import HashEmbeddings, default_embeddings
+    from .models import ExtractiveChatModel, load_local_chat_model
+    from .naive_store import NaiveVectorStore
+    from .runner import run
+    from .sessions import ChatMessage, ChatResult, SessionManager
+    from .vectorstore import CowVectorStore, DocumentRecord, StoreSnapshot

@@ -1,0 +1,109 @@
+"""The records :class:`~chatkit.SessionManager` hands out: messages, turn results, statistics, and the
+exception a superseded turn raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from .errors import ChatkitError
+
+__all__ = ["ChatMessage", "ChatResult", "SessionStatistics", "TurnInterrupted", "Policy", "POLICIES"]
+
+Policy = Literal["enqueue", "reject", "interrupt", "rollback"]
+POLICIES: tuple[Policy, ...] = ("enqueue", "reject", "interrupt", "rollback")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One message of a session's history.
+
+    Attributes:
+        role: ``"user"`` or ``"assistant"``.
+        content: the text.
+        timestamp: when it was written (UTC), or ``None`` for a message written by other means (for
+            example a raw ``graph.ainvoke`` on the session's thread).
+    """
+
+    role: Literal["user", "assistant"]
+    content: str
+    timestamp: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    """What one committed turn produced.
+
+    Attributes:
+        reply: the assistant's reply.
+        session_id: the session it belongs to.
+        turn: which user message of the session this was (1 for the first).
+        sources: the sources of the retrieved chunks the model was given, best match first.
+        waited: seconds spent waiting for earlier turns of the same session.
+        elapsed: seconds from the call to the commit, waiting included.
+    """
+
+    reply: str
+    session_id: str
+    turn: int = 0
+    sources: tuple[str, ...] = ()
+    waited: float = 0.0
+    elapsed: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStatistics:
+    """A snapshot of a :class:`~chatkit.SessionManager`: live state, then totals since it was made.
+
+    Attributes:
+        sessions: sessions that exist now.
+        running: turns holding their session's lock now.
+        waiting: turns queued behind another turn of their session now.
+        completed: turns committed (user message and reply saved together).
+        failed: turns whose model (or retriever) raised; nothing was saved.
+        timed_out: turns that exceeded ``turn_timeout``; nothing was saved.
+        cancelled: turns whose caller went away; nothing was saved.
+        interrupted: turns superseded by a newer message with policy ``"interrupt"`` or ``"rollback"``.
+        rejected: messages refused at once with :class:`~chatkit.SessionBusy` (policy ``"reject"``).
+        lock_timeouts: messages that waited longer than ``lock_timeout``.
+        created: sessions created.
+        deleted: sessions deleted with :meth:`~chatkit.SessionManager.delete_session`.
+        expired: sessions removed for being idle too long or beyond ``max_sessions``.
+    """
+
+    sessions: int
+    running: int
+    waiting: int
+    completed: int
+    failed: int
+    timed_out: int
+    cancelled: int
+    interrupted: int
+    rejected: int
+    lock_timeouts: int
+    created: int
+    deleted: int
+    expired: int
+
+
+class TurnInterrupted(ChatkitError):
+    """A newer message on the same session superseded this one (policy ``"interrupt"`` or ``"rollback"``).
+
+    With ``"interrupt"`` a turn that had started keeps its user message in the history (without a reply);
+    with ``"rollback"``, and for turns that were still queued, nothing of it is kept.
+
+    Attributes:
+        session_id: the session.
+        policy: ``"interrupt"`` or ``"rollback"``.
+        kept_message: whether this turn's user message stayed in the history.
+    """
+
+    def __init__(self, session_id: str, policy: str, *, kept_message: bool) -> None:
+        kept = "its message was kept without a reply" if kept_message else "nothing of it was kept"
+        super().__init__(
+            f"a newer message on session {session_id!r} superseded this one (policy {policy!r}); {kept}"
+        )
+        self.session_id = session_id
+        self.policy = policy
+        self.kept_message = kept_message

@@ -1,0 +1,71 @@
+"""Exceptions raised by chatkit.
+
+Misuse raises built-in exceptions (``TypeError``, ``ValueError``, ``RuntimeError``);
+the named exceptions below describe conditions a correct program must handle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+__all__ = [
+    "ChatkitError",
+    "LockTimeout",
+    "LockQueueFull",
+    "SessionNotFound",
+    "SessionBusy",
+]
+
+
+class ChatkitError(Exception):
+    """Base class of chatkit's own exceptions."""
+
+
+class LockTimeout(ChatkitError, TimeoutError):
+    """A caller waited longer than its timeout for a lock, or held it longer than ``max_hold``.
+
+    Attributes:
+        keys: the keys the caller asked for.
+        waited: seconds spent waiting (or holding, for ``max_hold``).
+    """
+
+    def __init__(self, message: str, *, keys: tuple[Hashable, ...] = (), waited: float = 0.0) -> None:
+        super().__init__(message)
+        self.keys = keys
+        self.waited = waited
+
+
+class LockQueueFull(ChatkitError):
+    """A key already has ``max_pending`` live waiters; the caller was turned away at once.
+
+    Attributes:
+        key: the key whose queue is full.
+        max_pending: the configured limit.
+    """
+
+    def __init__(self, message: str, *, key: Hashable = None, max_pending: int = 0) -> None:
+        super().__init__(message)
+        self.key = key
+        self.max_pending = max_pending
+
+
+class SessionNotFound(ChatkitError, LookupError):
+    """No session has this id (it never existed, was deleted, expired, or is malformed)."""
+
+    def __init__(self, session_id: object) -> None:
+        super().__init__(f"no chat session with id {session_id!r}")
+        self.session_id = session_id
+
+    def __str__(self) -> str:  # LookupError would otherwise quote the message like a KeyError
+        return str(self.args[0])
+
+
+class SessionBusy(ChatkitError):
+    """The session already has a turn running or queued and the policy is ``"reject"``."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"session {session_id!r} is busy with another message; "
+            "wait for the reply before sending the next one (policy 'reject')"
+        )
+        self.session_id = session_id

@@ -1,0 +1,402 @@
+"""Chat models: an offline, deterministic extractive model, and a loader for local Hugging Face models.
+
+How retrieved context reaches a model (the *context protocol*): the ``generate`` node of
+:class:`~chatkit.SessionManager` puts one :class:`~langchain_core.messages.SystemMessage` in front of the
+conversation, built by :func:`format_context`. Its text is an instruction followed by one block per
+retrieved chunk, best match first::
+
+    <context source="handbook.md">
+    Refunds are paid within 14 days.
+    </context>
+
+Any LLM can read that; :class:`ExtractiveChatModel` parses it back with :func:`parse_context`. The system
+message is built for each model call and never stored in the session's history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import inspect
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.documents import Document
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from pydantic import ConfigDict, Field, SecretStr, field_validator
+
+if TYPE_CHECKING:
+    from langchain_huggingface import ChatHuggingFace
+
+__all__ = [
+    "ExtractiveChatModel",
+    "load_local_chat_model",
+    "format_context",
+    "parse_context",
+    "CONTEXT_INSTRUCTION",
+]
+
+Latency = float | Callable[[str], "float | None | Awaitable[float | None]"]
+
+CONTEXT_INSTRUCTION = (
+    "Answer the user's last message using only the context below, and name the source you used."
+)
+
+_BLOCK = re.compile(r'<context source="(?P<source>[^"]*)">\n(?P<text>.*?)\n</context>', re.DOTALL)
+_WORD = re.compile(r"[a-z0-9]+")
+_CHUNK = re.compile(r"\S+\s*")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+# small words that say nothing about which chunk answers a question
+_STOPWORDS = frozenset(
+    "a an and are as at be by can do does for from has have how i if in is it its me my of on or "
+    "our so that the their there these this to was we were what when where which who why will with "
+    "you your".split()
+)
+
+
+def _source_of(doc: Document, rank: int) -> str:
+    source = doc.metadata.get("source") if doc.metadata else None
+    if source is None:
+        source = doc.id if doc.id is not None else f"document {rank}"
+    return str(source)
+
+
+def format_context(documents: Sequence[Document], *, instruction: str = CONTEXT_INSTRUCTION) -> str:
+    """Render retrieved chunks as the text of the context system message (best match first).
+
+    Each chunk's source is its ``metadata["source"]``, else its id, else ``"document N"``.
+
+    Example:
+        >>> from langchain_core.documents import Document
+        >>> print(format_context([Document("Refunds take 14 days.", metadata={"source": "faq.md"})]))
+        Answer the user's last message using only the context below, and name the source you used.
+        <BLANKLINE>
+        <context source="faq.md">
+        Refunds take 14 days.
+        </context>
+    """
+    blocks = [
+        f'<context source="{html.escape(_source_of(d, i), quote=True)}">\n'
+        f"{html.escape(d.page_content, quote=False)}\n</context>"
+        for i, d in enumerate(documents, 1)
+    ]
+    return "\n\n".join([instruction, *blocks])
+
+
+def parse_context(text: str) -> list[tuple[str, str]]:
+    """The ``(source, text)`` chunks in a context message made by :func:`format_context`, in order.
+
+    Example:
+        >>> from langchain_core.documents import Document
+        >>> parse_context(format_context([Document("a < b", metadata={"source": 'x "1"'})]))
+        [('x "1"', 'a < b')]
+    """
+    return [(html.unescape(m["source"]), html.unescape(m["text"])) for m in _BLOCK.finditer(text)]
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS}
+
+
+def _last_user_text(messages: Sequence[BaseMessage]) -> str:
+    for m in reversed(messages):
+        if isinstance(m, HumanMessage):
+            return m.text
+    return ""
+
+
+def _chunks_in(messages: Sequence[BaseMessage]) -> list[tuple[str, str]]:
+    chunks: list[tuple[str, str]] = []
+    for m in messages:
+        if isinstance(m, SystemMessage):
+            chunks.extend(parse_context(m.text))
+    return chunks
+
+
+def _check_latency(value: Any) -> Any:
+    if callable(value):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"latency must be seconds (a number) or a callable(user_text) -> seconds, got {value!r}")
+    if math.isnan(value) or value < 0 or math.isinf(value):
+        raise ValueError(f"latency must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _seconds(value: object) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        raise ValueError(f"the latency callable must return seconds >= 0 or None, got {value!r}")
+    return float(value)
+
+
+class ExtractiveChatModel(BaseChatModel):
+    """An offline, deterministic chat model that answers from retrieved context, with streaming.
+
+    * With context (a system message made by :func:`format_context`), it picks the chunk sharing the most
+      words with the user's last message (ties: the better-ranked chunk), answers with that chunk's
+      best-matching sentence and names its source: ``According to faq.md: Refunds take 14 days.``
+    * Without context it quotes the user's message and says which user message of the conversation it is,
+      so a reply shows whether the model saw the earlier turns: ``Message 2: you said "hi". ...``
+
+    ``latency`` is seconds to wait before answering, or a callable taking the user's message text and
+    returning seconds (or ``None``), or an awaitable of them: tests return an ``asyncio.Event().wait()``
+    to decide exactly when each reply may finish. The async API waits with ``asyncio.sleep`` (other tasks
+    keep running); the sync API with ``time.sleep`` and refuses awaitables.
+
+    The usual chat model parameters (``temperature``, ``timeout``, ``max_retries``, ``api_key``) are
+    accepted and ignored; ``max_tokens`` cuts the reply to that many words and ``stop`` at the first stop
+    string. Unknown parameters raise, so a typo such as ``latncy=`` does not pass silently.
+
+    Example:
+        >>> from langchain_core.messages import HumanMessage, SystemMessage
+        >>> from langchain_core.documents import Document
+        >>> model = ExtractiveChatModel()
+        >>> model.invoke([HumanMessage("How long do refunds take?")]).content
+        'Message 1: you said "How long do refunds take?". I found no documents to answer from.'
+        >>> ctx = format_context([Document("Shipping is free. Refunds take 14 days.", metadata={"source": "faq.md"})])
+        >>> model.invoke([SystemMessage(ctx), HumanMessage("How long do refunds take?")]).content
+        'According to faq.md: Refunds take 14 days.'
+        >>> [c.content for c in model.stream([HumanMessage("hi")])][:3]
+        ['Message ', '1: ', 'you ']
+
+    Raises:
+        TypeError: ``latency`` is neither a number nor a callable.
+        ValueError: a negative, NaN or infinite ``latency`` (or a callable returning one).
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    latency: Any = Field(default=0.0)
+    """Seconds before the reply, or ``callable(user_text) -> seconds | None | awaitable``."""
+    model_name: str = Field(default="extractive", alias="model")
+    temperature: float | None = None
+    max_tokens: int | None = None
+    stop: list[str] | None = None
+    timeout: float | None = None
+    max_retries: int | None = None
+    api_key: SecretStr | None = None
+    streaming: bool = False
+
+    @field_validator("latency")
+    @classmethod
+    def _validate_latency(cls, value: Any) -> Any:
+        return _check_latency(value)
+
+    @property
+    def _llm_type(self) -> str:
+        return "chatkit-extractive"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "max_tokens": self.max_tokens}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="chatkit",
+            ls_model_name=kwargs["model"] if isinstance(kwargs.get("model"), str) else self.model_name,
+            ls_model_type="chat",
+        )
+        if self.temperature is not None:
+            params["ls_temperature"] = self.temperature
+        if self.max_tokens is not None:
+            params["ls_max_tokens"] = self.max_tokens
+        if stop or self.stop:
+            params["ls_stop"] = list(stop or self.stop or [])
+        return params
+
+    def __repr__(self) -> str:
+        latency = "callable" if callable(self.latency) else f"{self.latency:g}s"
+        return f"<ExtractiveChatModel latency={latency} model_name={self.model_name!r}>"
+
+    # ------------------------------------------------------------------ the answer
+
+    def answer(self, messages: Sequence[BaseMessage], stop: list[str] | None = None) -> str:
+        """The reply to ``messages`` (no latency): see the class docstring for the rules."""
+        question = _last_user_text(messages)
+        chunks = _chunks_in(messages)
+        if chunks:
+            asked = _words(question)
+            best = max(range(len(chunks)), key=lambda i: (len(asked & _words(chunks[i][1])), -i))
+            source, text = chunks[best]
+            sentences = [s.strip() for s in _SENTENCE.split(text) if s.strip()] or [text.strip()]
+            sentence = max(sentences, key=lambda s: (len(asked & _words(s)), -sentences.index(s)))
+            reply = f"According to {source}: {sentence}"
+        else:
+            turn = sum(isinstance(m, HumanMessage) for m in messages)
+            reply = f'Message {turn}: you said "{question}". I found no documents to answer from.'
+        for s in stop or self.stop or ():
+            if s and s in reply:
+                reply = reply[: reply.index(s)]
+        if self.max_tokens is not None:
+            reply = "".join(_CHUNK.findall(reply)[: max(self.max_tokens, 0)]).rstrip()
+        return reply
+
+    def _usage(self, messages: Sequence[BaseMessage], reply: str) -> UsageMetadata:
+        n_in = sum(len(m.text.split()) for m in messages)
+        n_out = len(reply.split())
+        return UsageMetadata(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out)
+
+    def _latency_sync(self, messages: Sequence[BaseMessage]) -> None:
+        value = self.latency(_last_user_text(messages)) if callable(self.latency) else self.latency
+        if inspect.isawaitable(value):
+            if inspect.iscoroutine(value):
+                value.close()
+            raise TypeError(
+                "the latency callable returned an awaitable, which only the async API (ainvoke, astream) can wait for"
+            )
+        seconds = _seconds(value)
+        if seconds > 0:
+            time.sleep(seconds)
+
+    async def _latency_async(self, messages: Sequence[BaseMessage]) -> None:
+        value = self.latency(_last_user_text(messages)) if callable(self.latency) else self.latency
+        if inspect.isawaitable(value):
+            value = await value
+        seconds = _seconds(value)
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+
+    def _result(self, messages: Sequence[BaseMessage], stop: list[str] | None) -> ChatResult:
+        reply = self.answer(messages, stop)
+        message = AIMessage(
+            content=reply,
+            usage_metadata=self._usage(messages, reply),
+            response_metadata={"model_name": self.model_name, "finish_reason": "stop"},
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    # ------------------------------------------------------------------ LangChain hooks
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        self._latency_sync(messages)
+        return self._result(messages, stop)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        await self._latency_async(messages)
+        return self._result(messages, stop)
+
+    def _chunks(self, messages: Sequence[BaseMessage], stop: list[str] | None) -> Iterator[ChatGenerationChunk]:
+        reply = self.answer(messages, stop)
+        pieces = _CHUNK.findall(reply) or [""]
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            yield ChatGenerationChunk(
+                message=AIMessageChunk(
+                    content=piece,
+                    usage_metadata=self._usage(messages, reply) if last else None,
+                    response_metadata={"model_name": self.model_name, "finish_reason": "stop"} if last else {},
+                    chunk_position="last" if last else None,
+                )
+            )
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        self._latency_sync(messages)
+        for chunk in self._chunks(messages, stop):
+            if run_manager is not None:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        await self._latency_async(messages)
+        for i, chunk in enumerate(self._chunks(messages, stop)):
+            if i:
+                await asyncio.sleep(0)  # let other tasks run between chunks, as a real stream would
+            if run_manager is not None:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+
+_DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def load_local_chat_model(
+    directory: str | Path,
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    chat_template: str | None = None,
+    **pipeline_kwargs: Any,
+) -> ChatHuggingFace:
+    """Load a Hugging Face causal LM from a local directory as a LangChain chat model. Never downloads.
+
+    The directory must hold what ``save_pretrained`` writes (``config.json``, the weights, the tokenizer).
+    It is wrapped as ``ChatHuggingFace(llm=HuggingFacePipeline(...))``, with async calls (``ainvoke``,
+    ``astream``) run in a worker thread, since the pipeline itself is synchronous. A tokenizer without a
+    chat template gets ``chat_template`` or a plain ``role: content`` one. Importing torch and transformers
+    happens here, on first use.
+
+    Args:
+        directory: the local model directory.
+        max_new_tokens: the most tokens to generate per reply.
+        do_sample: sample (``True``) or decode greedily (``False``, deterministic).
+        chat_template: a Jinja chat template to use when the tokenizer has none.
+        **pipeline_kwargs: more keyword arguments for ``transformers.pipeline("text-generation", ...)``.
+
+    Raises:
+        FileNotFoundError: ``directory`` does not exist.
+        NotADirectoryError: it is a file.
+        ValueError: it is not a loadable model directory (no ``config.json``, or transformers refused it).
+
+    Example (skipped here: it needs a model directory)::
+
+        model = load_local_chat_model("models/tiny-gpt2", max_new_tokens=32)
+        chatkit.SessionManager(model=model)
+    """
+    path = Path(directory).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no local model directory at {str(path)!r}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{str(path)!r} is a file; give the directory that save_pretrained() wrote")
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"{str(path)!r} is not a Hugging Face model directory: it has no config.json "
+            "(save a model there with model.save_pretrained() and tokenizer.save_pretrained())"
+        )
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    from ._hf_local import build_local_chat_model
+
+    return build_local_chat_model(
+        path,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        chat_template=chat_template or _DEFAULT_CHAT_TEMPLATE,
+        pipeline_kwargs=pipeline_kwargs,
+    )

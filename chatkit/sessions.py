@@ -1,0 +1,873 @@
+"""Lock-protected chat sessions on LangGraph: atomic turns and double-texting policies.
+
+How a turn works (``locking=True``):
+
+1. *Admission*, synchronously (no ``await`` before the caller joins its session's queue, so turns run in
+   arrival order): validate, apply the policy (``reject`` refuses at once, ``interrupt``/``rollback``
+   cancel the session's turns in flight), record the turn.
+2. Take the session's :class:`~chatkit.KeyedLock` key (FIFO; :class:`~chatkit.LockTimeout` after
+   ``lock_timeout``).
+3. Read the latest checkpoint of the session's thread: the history, and the checkpoint to build on.
+4. Compute the reply by running the same graph *without* a checkpointer on ``history + [user message]``,
+   inside ``turn_timeout``. Nothing is written while the model runs, so a model error, a timeout or a
+   cancellation leaves the history exactly as it was.
+5. Commit: one ``aupdate_state`` on the checkpoint read in step 3 writes the user message and the reply
+   together, as one new checkpoint. The write is shielded from cancellation; a caller cancelled during
+   it gets ``CancelledError`` once it has finished, and the pre-turn state is written back on top (a
+   checkpoint forked from the one read in step 3), so the history is again exactly what it was.
+
+LangGraph's own ``ainvoke`` is not atomic (it checkpoints the input message before the model runs, and
+that checkpoint stays when the model fails or is cancelled), which is why a turn is computed first and
+committed once. Under the lock, the checkpoint read in step 3 is always the latest, so committing on it
+loses nothing. ``locking=False`` skips step 2 and shows the two races: turns of one session read the same
+checkpoint, each commits a branch on it, and the last commit wins (messages lost, replies computed
+without the earlier turns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import secrets
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph.state import CompiledStateGraph
+
+from ._labels import caller_label
+from ._session_graph import GENERATE, SESSION_KEY, WHO_KEY, build_chat_graph
+from ._session_types import POLICIES, ChatMessage, ChatResult, Policy, SessionStatistics, TurnInterrupted
+from .errors import LockTimeout, SessionBusy, SessionNotFound
+from .lock import KeyedLock
+from .models import ExtractiveChatModel
+
+if TYPE_CHECKING:
+    from langchain_core.vectorstores import VectorStore
+
+    from .timeline import Timeline
+
+__all__ = ["SessionManager", "ChatResult", "ChatMessage", "SessionStatistics", "TurnInterrupted"]
+
+logger = logging.getLogger(__name__)
+
+# Session ids: what create_session() makes (22 url-safe characters), or a caller's own id with
+# create_if_missing=True (letters, digits and ``_ - . : @``, at most 128 characters).
+_SESSION_ID = re.compile(r"[A-Za-z0-9_\-.:@]{1,128}")
+
+# Turn states. A turn may be superseded (cancelled by a newer message) only while WAITING or RUNNING.
+WAITING, RUNNING, COMMITTING, CLEANUP, DONE = "waiting", "running", "committing", "cleanup", "done"
+
+
+@dataclass(slots=True)
+class _Session:
+    """A registry entry: the session exists. Its history lives in the checkpointer, not here."""
+
+    created: float
+    last_used: float
+    turns: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Turn:
+    session_id: str
+    who: str
+    task: asyncio.Task[Any]
+    loop: asyncio.AbstractEventLoop
+    state: str = WAITING
+    superseded: str | None = None  # the policy that cancelled it
+    kept_message: bool = False
+
+
+@dataclass(slots=True)
+class _Live:
+    """The turns of one session id in flight (running or queued), in arrival order."""
+
+    turns: list[_Turn] = field(default_factory=list)
+    others: int = 0  # deletions holding or waiting for the session's lock
+
+
+class _StreamSink:
+    """Where a streaming turn sends reply chunks, and the gate it waits at before committing."""
+
+    __slots__ = ("queue", "gate")
+
+    DONE: Any = object()
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def finished(self) -> None:
+        """Every chunk is queued: wait until the consumer has read them all (then the turn commits)."""
+        self.queue.put_nowait(self.DONE)
+        await self.gate
+
+
+def _positive(name: str, value: float | None, *, allow_none: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds{' or None' if allow_none else ''}, got {value!r}")
+    if math.isnan(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return None if math.isinf(value) else float(value)
+
+
+def _positive_int(name: str, value: int | None, *, allow_none: bool) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value!r}")
+    return value
+
+
+async def _finish_uncancellable(task: asyncio.Future[Any]) -> bool:
+    """Wait for ``task`` to finish even if we are cancelled meanwhile; return whether we were."""
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait((task,))
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
+
+
+class SessionManager:
+    """Chat sessions whose turns are serialized per session, atomic, and stored as LangGraph checkpoints.
+
+    Each session is a LangGraph thread; its history is the thread's checkpointed state (one source of
+    truth). Turns of one session run one at a time in arrival order and each sees every earlier turn;
+    different sessions never wait for each other. A turn commits its user message and reply together:
+    if the model raises, the turn exceeds ``turn_timeout`` or the caller is cancelled, the history is
+    exactly what it was before the turn and the session is free for the next message.
+
+    Args:
+        model: any LangChain chat model (default: :class:`~chatkit.ExtractiveChatModel`).
+        store: a LangChain vector store; when given, each turn first retrieves ``retrieve_k`` chunks with
+            ``store.as_retriever()`` and the model answers from them.
+        checkpointer: any LangGraph ``BaseCheckpointSaver`` (default: a new ``InMemorySaver``).
+        policy: what a message does when its session is busy: ``"enqueue"`` (wait, FIFO), ``"reject"``
+            (raise :class:`~chatkit.SessionBusy` at once), ``"interrupt"`` (cancel the running turn but
+            keep its user message, then run), ``"rollback"`` (cancel the running turn and discard it, then
+            run). Queued turns are cancelled by both ``interrupt`` and ``rollback``. Per-call override.
+        lock_timeout: longest wait for earlier turns, in seconds (``None``: no limit).
+        turn_timeout: longest time for retrieval and the model, in seconds (``None``: no limit).
+        max_message_chars: the longest accepted message.
+        locking: ``False`` gives the naive service, with no per-session lock (for teaching and tests).
+        session_ttl: sessions idle this many seconds expire (``None``: never).
+        max_sessions: beyond this many sessions, the least recently used idle ones expire.
+        retrieve_k: how many chunks to retrieve per turn.
+        timeline: record ``turn``, ``model``, ``search`` spans and the lock's ``wait``/``hold`` spans.
+        clock: the monotonic clock for idle-session expiry (inject a fake one in tests).
+
+    A session never expires while a turn runs or waits on it. Expired and deleted sessions are removed
+    from the checkpointer too.
+
+    Raises:
+        TypeError: a ``model``, ``store`` or ``checkpointer`` of the wrong kind, or a non-numeric limit.
+        ValueError: an unknown policy, a non-positive limit, or a policy other than ``"enqueue"`` with
+            ``locking=False``.
+
+    Example:
+        >>> import asyncio, chatkit
+        >>> async def main():
+        ...     manager = chatkit.SessionManager()
+        ...     sid = manager.create_session()
+        ...     await asyncio.gather(*(manager.chat(sid, q) for q in ("Hi!", "Refunds?", "Thanks!")))
+        ...     return [(m.role, m.content[:22]) for m in await manager.get_history(sid)]
+        >>> for row in asyncio.run(main()):
+        ...     print(row)
+        ('user', 'Hi!')
+        ('assistant', 'Message 1: you said "H')
+        ('user', 'Refunds?')
+        ('assistant', 'Message 2: you said "R')
+        ('user', 'Thanks!')
+        ('assistant', 'Message 3: you said "T')
+    """
+
+    def __init__(
+        self,
+        *,
+        model: BaseChatModel | None = None,
+        store: VectorStore | None = None,
+        checkpointer: BaseCheckpointSaver | None = None,
+        policy: Policy = "enqueue",
+        lock_timeout: float | None = 60.0,
+        turn_timeout: float | None = None,
+        max_message_chars: int = 8000,
+        locking: bool = True,
+        session_ttl: float | None = None,
+        max_sessions: int | None = None,
+        retrieve_k: int = 4,
+        timeline: Timeline | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if model is None:
+            model = ExtractiveChatModel()
+        elif not isinstance(model, BaseChatModel):
+            raise TypeError(f"model must be a LangChain BaseChatModel, got {model!r}")
+        if store is not None and not callable(getattr(store, "as_retriever", None)):
+            raise TypeError(f"store must be a LangChain VectorStore (with as_retriever()), got {store!r}")
+        if checkpointer is None:
+            checkpointer = InMemorySaver()
+        elif not isinstance(checkpointer, BaseCheckpointSaver):
+            raise TypeError(f"checkpointer must be a LangGraph BaseCheckpointSaver, got {checkpointer!r}")
+        if not isinstance(locking, bool):
+            raise TypeError(f"locking must be True or False, got {locking!r}")
+        self._locking = locking
+        self._policy = self._check_policy(policy)
+        self._lock_timeout = _positive("lock_timeout", lock_timeout)
+        self._turn_timeout = _positive("turn_timeout", turn_timeout)
+        self._max_chars = _positive_int("max_message_chars", max_message_chars, allow_none=False)
+        self._ttl = _positive("session_ttl", session_ttl)
+        self._max_sessions = _positive_int("max_sessions", max_sessions, allow_none=True)
+        self._retrieve_k = _positive_int("retrieve_k", retrieve_k, allow_none=False)
+        if not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+        self._clock = clock
+        self._timeline = timeline
+        self._model = model
+        self._store = store
+        self._checkpointer = checkpointer
+        builder = build_chat_graph(model=model, store=store, retrieve_k=self._retrieve_k, timeline=timeline)
+        # The session's thread: history, read and committed here. The runner computes a turn and
+        # writes nothing (checkpointer=False: not even a parent graph's checkpointer is inherited).
+        self._graph: CompiledStateGraph = builder.compile(checkpointer=checkpointer)
+        self._runner: CompiledStateGraph = builder.compile(checkpointer=False)
+        self._lock = KeyedLock(observer=None if timeline is None else timeline.observe_lock)
+
+        # Guarded by self._guard (a threading.Lock: callers may live on several event loops; it is held
+        # only for short, non-awaiting bookkeeping).
+        self._guard = threading.Lock()
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
+        self._live: dict[str, _Live] = {}  # session id -> turns in flight; absent when none
+        self._tombstones: set[str] = set()  # removed sessions whose thread is still to be deleted
+        self._background: set[asyncio.Task[None]] = set()
+        self._counts = dict.fromkeys(
+            (
+                "completed",
+                "failed",
+                "timed_out",
+                "cancelled",
+                "interrupted",
+                "rejected",
+                "lock_timeouts",
+                "created",
+                "deleted",
+                "expired",
+            ),
+            0,
+        )
+
+    # ------------------------------------------------------------------ properties and introspection
+
+    @property
+    def graph(self) -> CompiledStateGraph:
+        """The compiled, checkpointed chat graph (the sessions' threads live in its checkpointer)."""
+        return self._graph
+
+    @property
+    def checkpointer(self) -> BaseCheckpointSaver:
+        """The checkpointer holding every session's history."""
+        return self._checkpointer
+
+    @property
+    def lock(self) -> KeyedLock:
+        """The per-session lock (keys are session ids); ``lock.is_busy(session_id)`` and statistics."""
+        return self._lock
+
+    @property
+    def model(self) -> BaseChatModel:
+        """The chat model."""
+        return self._model
+
+    @property
+    def locking(self) -> bool:
+        """Whether turns take their session's lock (``False``: the naive service)."""
+        return self._locking
+
+    @property
+    def policy(self) -> Policy:
+        """The default policy for a message on a busy session."""
+        return self._policy  # type: ignore[return-value]
+
+    def _census(self) -> tuple[int, int]:
+        running = waiting = 0
+        for live in self._live.values():
+            for t in live.turns:
+                if t.state == WAITING:
+                    waiting += 1
+                elif t.state != DONE:
+                    running += 1
+        return running, waiting
+
+    def statistics(self) -> SessionStatistics:
+        """Live state and totals since this manager was made."""
+        with self._guard:
+            running, waiting = self._census()
+            return SessionStatistics(sessions=len(self._sessions), running=running, waiting=waiting, **self._counts)
+
+    def __repr__(self) -> str:
+        with self._guard:
+            running, waiting = self._census()
+            sessions = len(self._sessions)
+        return (
+            f"<SessionManager sessions={sessions} running={running} waiting={waiting} policy={self._policy!r}"
+            f" locking={self._locking} model={type(self._model).__name__}"
+            f" checkpointer={type(self._checkpointer).__name__}>"
+        )
+
+    def __len__(self) -> int:
+        """The number of sessions."""
+        return len(self._sessions)
+
+    def is_busy(self, session_id: str) -> bool:
+        """Whether a turn is running or queued on ``session_id``."""
+        live = self._live.get(session_id)
+        return live is not None and bool(live.turns)
+
+    # ------------------------------------------------------------------ sessions
+
+    def create_session(self) -> str:
+        """Create an empty session and return its id: 22 url-safe characters, 128 random bits."""
+        session_id = secrets.token_urlsafe(16)
+        now = self._clock()
+        with self._guard:
+            expired = self._sweep_locked(now)
+            self._sessions[session_id] = _Session(created=now, last_used=now)
+            self._counts["created"] += 1
+        if expired:
+            self._purge_in_background()
+        return session_id
+
+    def list_sessions(self) -> list[str]:
+        """The ids of the existing sessions, least recently used first."""
+        with self._guard:
+            return list(self._sessions)
+
+    async def get_history(self, session_id: str) -> list[ChatMessage]:
+        """The session's messages in order (user and assistant), read from its latest checkpoint.
+
+        Reading does not wait for a running turn: it sees the history before that turn, since a turn
+        becomes visible all at once when it commits.
+
+        Raises:
+            SessionNotFound: unknown, deleted, expired or malformed id.
+        """
+        self._check_session_id(session_id)
+        if session_id not in self._sessions:
+            raise SessionNotFound(session_id)
+        snapshot = await self._graph.aget_state(self._thread(session_id))
+        values = snapshot.values or {}
+        stamps: dict[str, float] = values.get("timestamps") or {}
+        history: list[ChatMessage] = []
+        for m in values.get("messages") or ():
+            if isinstance(m, HumanMessage):
+                role = "user"
+            elif isinstance(m, AIMessage):
+                role = "assistant"
+            else:
+                continue
+            ts = stamps.get(m.id) if m.id is not None else None
+            history.append(
+                ChatMessage(role, m.text, None if ts is None else datetime.fromtimestamp(ts, UTC))  # type: ignore[arg-type]
+            )
+        return history
+
+    async def delete_session(self, session_id: str) -> None:
+        """Delete the session and its checkpoints, after the turns already queued on it.
+
+        Turns queued behind the deletion then raise :class:`~chatkit.SessionNotFound`.
+
+        Raises:
+            SessionNotFound: unknown, already deleted, expired or malformed id.
+            LockTimeout: the session's earlier turns took longer than ``lock_timeout``.
+        """
+        self._check_session_id(session_id)
+        with self._guard:
+            if session_id not in self._sessions:
+                raise SessionNotFound(session_id)
+            live = self._live.setdefault(session_id, _Live())
+            live.others += 1
+        try:
+            try:
+                lock = self._lock(session_id, timeout=self._lock_timeout, label=caller_label())
+                await lock.__aenter__()
+            except LockTimeout as exc:
+                raise self._lock_timeout_error(session_id, exc, "deleting it") from exc
+            try:
+                with self._guard:
+                    if self._sessions.pop(session_id, None) is None:
+                        raise SessionNotFound(session_id)
+                    self._tombstones.add(session_id)
+                    self._counts["deleted"] += 1
+                await self._purge_locked(session_id)
+            finally:
+                await lock.__aexit__(None, None, None)
+        finally:
+            with self._guard:
+                live.others -= 1
+                self._forget_if_idle(session_id, live)
+
+    async def expire_idle(self) -> list[str]:
+        """Expire idle sessions now and delete their threads; return the ids expired by this call.
+
+        A session expires when it has been idle ``session_ttl`` seconds, or when there are more than
+        ``max_sessions`` sessions and it is among the least recently used idle ones. Turns do this check
+        too (it is cheap); this method also waits for the deletion of threads to finish.
+        """
+        with self._guard:
+            expired = self._sweep_locked(self._clock())
+        await self._purge_all()
+        return expired
+
+    # ------------------------------------------------------------------ chatting
+
+    async def chat(
+        self,
+        session_id: str,
+        message: str,
+        *,
+        policy: Policy | None = None,
+        create_if_missing: bool = False,
+    ) -> ChatResult:
+        """Send ``message`` and return the reply once the turn (user message and reply) is committed.
+
+        Args:
+            session_id: an id from :meth:`create_session` (or your own, with ``create_if_missing``).
+            message: the user's text, 1 to ``max_message_chars`` characters, not only whitespace.
+            policy: override the manager's policy for this message.
+            create_if_missing: create the session if it does not exist; the check and the creation happen
+                under the session's lock, so concurrent first messages land in one session.
+
+        Raises:
+            ValueError: a bad message (the error names the limit) or policy; nothing is saved.
+            SessionNotFound: unknown, deleted, expired or malformed id (without ``create_if_missing``).
+            SessionBusy: policy ``"reject"`` and a turn is running or queued on the session.
+            TurnInterrupted: a newer message superseded this one (policies ``"interrupt"``, ``"rollback"``).
+            LockTimeout: earlier turns kept the session busy longer than ``lock_timeout``.
+            TimeoutError: retrieval and the model took longer than ``turn_timeout``; nothing is saved.
+            Exception: whatever the model or retriever raised; nothing is saved.
+        """
+        return await self._turn(session_id, message, policy, create_if_missing, caller_label(), None)
+
+    async def stream(
+        self,
+        session_id: str,
+        message: str,
+        *,
+        policy: Policy | None = None,
+        create_if_missing: bool = False,
+    ) -> AsyncIterator[str]:
+        """Like :meth:`chat`, but yield the reply in chunks as the model produces them.
+
+        The turn commits when the consumer has read the stream to its end. A consumer that stops
+        early (``break`` and close, ``aclose()``, or cancellation) cancels the turn: nothing is saved.
+        Close the iterator promptly (``contextlib.aclosing``): until then the session stays busy.
+        The turn runs in a worker task, which joins the session's queue when iteration starts.
+
+        Raises:
+            The same exceptions as :meth:`chat`, from the iteration.
+        """
+        who = caller_label()
+        sink = _StreamSink()
+        worker = asyncio.get_running_loop().create_task(
+            self._turn(session_id, message, policy, create_if_missing, who, sink), name=f"{who} (stream)"
+        )
+        getter: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                getter = asyncio.ensure_future(sink.queue.get())
+                await asyncio.wait((getter, worker), return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():  # the turn ended before sending everything: it failed
+                    await worker  # raises its exception
+                    return
+                item = getter.result()
+                getter = None
+                if item is _StreamSink.DONE:
+                    sink.gate.set_result(None)  # the consumer has read everything: commit
+                    await worker  # raises if the commit failed
+                    return
+                yield item
+        finally:
+            if getter is not None:
+                getter.cancel()
+            if not worker.done():
+                # The consumer stopped early (or was cancelled): cancel the turn and wait for its cleanup.
+                worker.cancel()
+                if await _finish_uncancellable(worker):
+                    raise asyncio.CancelledError
+            if not worker.cancelled():
+                worker.exception()  # retrieved: no "exception was never retrieved" noise
+
+    # ------------------------------------------------------------------ the turn
+
+    @staticmethod
+    def _thread(session_id: str) -> RunnableConfig:
+        return {"configurable": {"thread_id": session_id}}
+
+    def _check_policy(self, policy: object) -> str:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
+        if not getattr(self, "_locking", True) and policy != "enqueue":
+            raise ValueError(f"policy {policy!r} needs locking=True; the naive service (locking=False) only enqueues")
+        return policy  # type: ignore[return-value]
+
+    def _check_message(self, message: object) -> str:
+        limit = self._max_chars
+        if not isinstance(message, str):
+            raise ValueError(
+                f"message must be a str of 1 to {limit} characters (max_message_chars={limit}), "
+                f"got {type(message).__name__} {message!r:.60}"
+            )
+        if not message.strip():
+            raise ValueError(
+                f"message is empty or only whitespace; send 1 to {limit} characters (max_message_chars={limit})"
+            )
+        if len(message) > limit:
+            raise ValueError(
+                f"message is {len(message)} characters long, over the limit of max_message_chars={limit}"
+            )
+        return message
+
+    @staticmethod
+    def _check_session_id(session_id: object) -> None:
+        if not isinstance(session_id, str) or _SESSION_ID.fullmatch(session_id) is None:
+            raise SessionNotFound(session_id)
+
+    def _lock_timeout_error(self, session_id: str, exc: LockTimeout, what: str) -> LockTimeout:
+        return LockTimeout(
+            f"session {session_id!r} stayed busy answering earlier messages for {exc.waited:.3g} s, longer than "
+            f"lock_timeout={self._lock_timeout:g} s, so we gave up {what}; nothing was saved, please try again",
+            keys=exc.keys,
+            waited=exc.waited,
+        )
+
+    async def _turn(
+        self,
+        session_id: str,
+        message: str,
+        policy: Policy | None,
+        create_if_missing: bool,
+        who: str,
+        sink: _StreamSink | None,
+    ) -> ChatResult:
+        t0 = time.perf_counter()
+        text = self._check_message(message)
+        policy = self._policy if policy is None else self._check_policy(policy)  # type: ignore[assignment]
+        self._check_session_id(session_id)
+        task = asyncio.current_task()
+        assert task is not None
+        turn = _Turn(session_id, who, task, asyncio.get_running_loop())
+        # Admission: no await between here and joining the lock's queue (arrival order = FIFO order).
+        now = self._clock()
+        with self._guard:
+            expired = self._sweep_locked(now)
+            session = self._sessions.get(session_id)
+            if session is None and not create_if_missing:
+                raise SessionNotFound(session_id)
+            live = self._live.get(session_id)
+            if policy == "reject" and live is not None and live.turns:
+                self._counts["rejected"] += 1
+                raise SessionBusy(session_id)
+            victims = (
+                [t for t in live.turns if t.state in (WAITING, RUNNING)]
+                if live is not None and policy in ("interrupt", "rollback")
+                else []
+            )
+            if live is None:
+                live = self._live[session_id] = _Live()
+            live.turns.append(turn)
+            if session is not None:
+                session.last_used = now
+                self._sessions.move_to_end(session_id)
+        if expired:
+            self._purge_in_background()
+        for victim in victims:
+            self._supersede(victim, policy)  # type: ignore[arg-type]
+        timeline = self._timeline
+        span = contextlib.nullcontext() if timeline is None else timeline.span("turn", who=who, key=session_id)
+        outcome = "failed"
+        try:
+            with span:
+                if self._locking:
+                    try:
+                        lock = self._lock(session_id, timeout=self._lock_timeout, label=who)
+                        await lock.__aenter__()
+                    except LockTimeout as exc:
+                        outcome = "lock_timeouts"
+                        raise self._lock_timeout_error(session_id, exc, "sending your message") from exc
+                    waited = time.perf_counter() - t0
+                    try:
+                        result = await self._run(turn, text, create_if_missing, sink, t0, waited)
+                    finally:
+                        await lock.__aexit__(None, None, None)
+                else:
+                    result = await self._run(turn, text, create_if_missing, sink, t0, 0.0)
+            outcome = "completed"
+            return result
+        except asyncio.CancelledError:
+            if turn.superseded is None:
+                outcome = "cancelled"
+                raise
+            outcome = "interrupted"
+            if timeline is not None:
+                timeline.mark("interrupted", who=who, key=session_id, detail=f"policy {turn.superseded}")
+            if task.uncancel() > 0:  # cancelled for another reason as well: that one wins
+                raise
+            raise TurnInterrupted(session_id, turn.superseded, kept_message=turn.kept_message) from None
+        except TimeoutError:
+            if outcome != "lock_timeouts":
+                outcome = "timed_out"
+            raise
+        finally:
+            with self._guard:
+                turn.state = DONE
+                live.turns.remove(turn)
+                self._forget_if_idle(session_id, live)
+                self._counts[outcome] += 1
+                session = self._sessions.get(session_id)
+                if session is not None:
+                    session.last_used = self._clock()
+                    self._sessions.move_to_end(session_id)
+                    if outcome == "completed":
+                        session.turns += 1
+
+    async def _run(
+        self,
+        turn: _Turn,
+        text: str,
+        create_if_missing: bool,
+        sink: _StreamSink | None,
+        t0: float,
+        waited: float,
+    ) -> ChatResult:
+        """The turn, holding the session's lock (or not, with ``locking=False``)."""
+        session_id = turn.session_id
+        with self._guard:
+            turn.state = RUNNING
+            exists = session_id in self._sessions
+            purge = session_id in self._tombstones
+        if not exists:
+            if not create_if_missing:
+                raise SessionNotFound(session_id)  # deleted or expired while this turn waited
+            if purge:  # the id was removed recently and its old thread is not deleted yet
+                await self._purge_locked(session_id)
+            now = self._clock()
+            with self._guard:
+                if session_id not in self._sessions:
+                    self._sessions[session_id] = _Session(created=now, last_used=now)
+                    self._counts["created"] += 1
+        thread = self._thread(session_id)
+        user = HumanMessage(text, id=str(uuid.uuid4()))
+        user_time = time.time()
+        base: RunnableConfig | None = None
+        try:
+            # Read the latest checkpoint: the history, and the checkpoint this turn builds on.
+            snapshot = await self._graph.aget_state(thread)
+            if snapshot.config.get("configurable", {}).get("checkpoint_id") is None:
+                # A new thread: write an empty checkpoint first, so the turn has one to commit on.
+                base = await self._graph.aupdate_state(thread, {"messages": []}, as_node=GENERATE)
+                history: list[Any] = []
+            else:
+                base = snapshot.config
+                history = list(snapshot.values.get("messages") or ())
+            # Compute the reply; nothing is written meanwhile.
+            deadline = asyncio.timeout(self._turn_timeout)
+            try:
+                async with deadline:
+                    reply, docs = await self._compute(history, user, turn, sink)
+            except TimeoutError as exc:
+                if not deadline.expired():
+                    raise
+                raise TimeoutError(
+                    f"the reply on session {session_id!r} took longer than turn_timeout={self._turn_timeout:g} s; "
+                    "nothing was saved"
+                ) from exc
+            if sink is not None:
+                await sink.finished()
+        except asyncio.CancelledError:
+            if turn.superseded == "interrupt":
+                await self._keep_user_message(turn, base or thread, user, user_time)
+            raise
+        with self._guard:
+            superseded = turn.superseded
+            if superseded is None:
+                turn.state = COMMITTING
+        if superseded is not None:  # cancelled, but something swallowed the CancelledError
+            if superseded == "interrupt":
+                await self._keep_user_message(turn, base or thread, user, user_time)
+            raise asyncio.CancelledError
+        # Commit user message and reply as one checkpoint on the one read above.
+        assert base is not None
+        values = {"messages": [user, reply], "timestamps": {user.id: user_time, reply.id: time.time()}}
+        commit = asyncio.ensure_future(self._graph.aupdate_state(base, values, as_node=GENERATE))
+        if await _finish_uncancellable(commit):
+            # The caller went away while the turn was being written: put the pre-turn state back on top.
+            if not commit.cancelled() and commit.exception() is None:
+                restore = asyncio.ensure_future(self._graph.aupdate_state(base, {"messages": []}, as_node=GENERATE))
+                await _finish_uncancellable(restore)
+                if restore.cancelled() or restore.exception() is not None:
+                    logger.error("could not restore session %r after a cancelled commit", session_id)
+            raise asyncio.CancelledError
+        commit.result()
+        sources = tuple(dict.fromkeys(str(d.metadata.get("source", d.id)) for d in docs))
+        n_user = sum(isinstance(m, HumanMessage) for m in history) + 1
+        return ChatResult(
+            reply=reply.text,
+            session_id=session_id,
+            turn=n_user,
+            sources=sources,
+            waited=waited,
+            elapsed=time.perf_counter() - t0,
+        )
+
+    async def _compute(
+        self, history: list[Any], user: HumanMessage, turn: _Turn, sink: _StreamSink | None
+    ) -> tuple[Any, list[Any]]:
+        """Run retrieve -> generate on ``history + [user]`` without writing anything; return (reply, docs)."""
+        inputs = {"messages": [*history, user]}
+        config: RunnableConfig = {
+            "configurable": {WHO_KEY: turn.who, SESSION_KEY: turn.session_id},
+            "run_name": "chatkit turn",
+        }
+        if sink is None:
+            out = await self._runner.ainvoke(inputs, config)
+        else:
+            out = None
+            async for mode, payload in self._runner.astream(inputs, config, stream_mode=["messages", "values"]):
+                if mode == "values":
+                    out = payload
+                    continue
+                chunk, meta = payload
+                if meta.get("langgraph_node") == GENERATE and isinstance(chunk, AIMessageChunk):
+                    piece = chunk.text
+                    if piece:
+                        sink.queue.put_nowait(piece)
+            assert out is not None
+        reply = out["messages"][-1]
+        if not isinstance(reply, AIMessage):
+            raise TypeError(f"the model must reply with an AIMessage, got {reply!r:.80}")
+        return reply, list(out.get("context") or ())
+
+    async def _keep_user_message(self, turn: _Turn, base: RunnableConfig, user: HumanMessage, at: float) -> None:
+        """Policy ``interrupt``: commit the superseded turn's user message alone (shielded)."""
+        with self._guard:
+            turn.state = CLEANUP
+        write = asyncio.ensure_future(
+            self._graph.aupdate_state(base, {"messages": [user], "timestamps": {user.id: at}}, as_node=GENERATE)
+        )
+        await _finish_uncancellable(write)
+        if not write.cancelled() and write.exception() is None:
+            turn.kept_message = True
+        else:
+            logger.error("could not keep the interrupted message on session %r", turn.session_id)
+
+    def _supersede(self, victim: _Turn, policy: str) -> None:
+        """Cancel ``victim`` on behalf of a newer message, on the victim's own event loop."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if victim.loop is running:
+            self._deliver_cancel(victim, policy)
+            return
+        with contextlib.suppress(RuntimeError):  # the victim's loop is closed: nothing to cancel
+            victim.loop.call_soon_threadsafe(self._deliver_cancel, victim, policy)
+
+    def _deliver_cancel(self, victim: _Turn, policy: str) -> None:
+        # Runs on the victim's loop, while the victim is suspended: if it is still waiting or running,
+        # the CancelledError lands at the await it is suspended in.
+        with self._guard:
+            if victim.state not in (WAITING, RUNNING) or victim.superseded is not None:
+                return
+            victim.superseded = policy
+        victim.task.cancel(f"superseded by a newer message (policy {policy!r})")
+
+    # ------------------------------------------------------------------ expiry and deletion
+
+    def _forget_if_idle(self, session_id: str, live: _Live) -> None:
+        """Guard held: drop the live record of a session with nothing in flight."""
+        if not live.turns and not live.others and self._live.get(session_id) is live:
+            del self._live[session_id]
+
+    def _sweep_locked(self, now: float) -> list[str]:
+        """Guard held: remove expired idle sessions from the registry; their threads are deleted later."""
+        ttl, limit = self._ttl, self._max_sessions
+        if ttl is None and limit is None:
+            return []
+        sessions = self._sessions
+        expired: list[str] = []
+        if ttl is not None:
+            for sid, s in sessions.items():  # least recently used first
+                if s.last_used + ttl > now:
+                    break
+                if sid not in self._live:
+                    expired.append(sid)
+        if limit is not None and len(sessions) - len(expired) > limit:
+            excess = len(sessions) - len(expired) - limit
+            gone = set(expired)
+            for sid in sessions:
+                if excess == 0:
+                    break
+                if sid not in gone and sid not in self._live:
+                    expired.append(sid)
+                    excess -= 1
+        for sid in expired:
+            del sessions[sid]
+            self._tombstones.add(sid)
+        self._counts["expired"] += len(expired)
+        if expired:
+            logger.debug("expired %d idle sessions", len(expired))
+        return expired
+
+    async def _purge_locked(self, session_id: str) -> None:
+        """Holding the session's lock (or as its turn): delete a removed session's thread."""
+        with self._guard:
+            if session_id not in self._tombstones:
+                return
+        await self._checkpointer.adelete_thread(session_id)
+        with self._guard:
+            self._tombstones.discard(session_id)
+
+    async def _purge_all(self) -> None:
+        """Delete the threads of every removed session, each under its session's lock."""
+        me = asyncio.current_task()
+        pending = [t for t in self._background if not t.done() and t is not me]
+        if pending:
+            await asyncio.wait(pending)
+        while True:
+            with self._guard:
+                todo = sorted(self._tombstones)
+            if not todo:
+                return
+            for sid in todo:
+                async with self._lock(sid, label="expiry"):
+                    await self._purge_locked(sid)
+
+    def _purge_in_background(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop here: the next expire_idle() deletes the threads
+        if any(not t.done() for t in self._background):
+            return
+        task = loop.create_task(self._purge_all(), name="chatkit session expiry")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -1,0 +1,252 @@
+"""Record what concurrent requests did, and when: spans and instant events on one monotonic clock.
+
+A :class:`Timeline` is fed by :class:`~chatkit.KeyedLock`'s observer hook and by the optional
+``timeline=`` instrumentation of :class:`~chatkit.SessionManager` and :class:`~chatkit.CowVectorStore`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._labels import caller_label
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from .lock import LockEvent
+
+__all__ = ["Timeline", "TimelineRow", "plot_timelines"]
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineRow:
+    """One recorded span (``end`` set) or instant event (``end is None``).
+
+    Attributes:
+        who: the request (task or thread label) the row belongs to.
+        phase: what it was doing: ``"wait"``, ``"hold"``, ``"model"``, ``"embed"``, ``"publish"``,
+            ``"search"``, ... or, for instant events, what happened (``"lost"``, ``"partial read"``).
+        start: monotonic seconds, relative to the timeline's origin.
+        end: for spans, when it ended; ``None`` for instant events.
+        key: the lock key, session id or document source involved, if any.
+        outcome: ``"ok"``, ``"error"``, ``"cancelled"``, ``"timeout"``, ... or ``None``.
+        detail: free text shown in tooltips.
+    """
+
+    who: str
+    phase: str
+    start: float
+    end: float | None = None
+    key: Hashable | None = None
+    outcome: str | None = None
+    detail: str | None = None
+
+    @property
+    def duration(self) -> float:
+        """Seconds the span lasted (0 for instant events)."""
+        return 0.0 if self.end is None else self.end - self.start
+
+
+class Timeline:
+    """A thread-safe recorder of spans and instant events.
+
+    Example:
+        >>> import asyncio, chatkit
+        >>> tl = chatkit.Timeline()
+        >>> lock = chatkit.KeyedLock(observer=tl.observe_lock)
+        >>> async def request(name):
+        ...     async with lock("s1", label=name):
+        ...         with tl.span("model", who=name, key="s1"):
+        ...             await asyncio.sleep(0)
+        >>> async def main():
+        ...     await asyncio.gather(request("A"), request("B"))
+        >>> asyncio.run(main())
+        >>> [(r.who, r.phase) for r in tl.rows() if r.phase in ("hold", "model")]
+        [('A', 'hold'), ('A', 'model'), ('B', 'hold'), ('B', 'model')]
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._origin = clock()
+        self._rows: list[TimelineRow] = []
+        self._guard = threading.Lock()
+        # lock observer bookkeeping: (label, keys) -> time the wait or hold began
+        self._open: dict[tuple[str, tuple[Hashable, ...], str], float] = {}
+
+    def __repr__(self) -> str:
+        return f"<Timeline rows={len(self._rows)}>"
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def now(self) -> float:
+        """Seconds since this timeline was created, on its clock."""
+        return self._clock() - self._origin
+
+    def clear(self) -> None:
+        """Forget every row and restart the clock's origin."""
+        with self._guard:
+            self._rows.clear()
+            self._open.clear()
+            self._origin = self._clock()
+
+    def add(self, row: TimelineRow) -> None:
+        """Append a ready-made row."""
+        with self._guard:
+            self._rows.append(row)
+
+    @contextlib.contextmanager
+    def span(
+        self,
+        phase: str,
+        *,
+        who: str | None = None,
+        key: Hashable | None = None,
+        detail: str | None = None,
+    ) -> Iterator[None]:
+        """Record the enclosed block as a span; its outcome is ``ok``, ``error`` or ``cancelled``."""
+        who = caller_label() if who is None else who
+        start = self.now()
+        outcome = "ok"
+        try:
+            yield
+        except BaseException as exc:
+            outcome = "cancelled" if isinstance(exc, (GeneratorExit, _cancelled_types())) else "error"
+            raise
+        finally:
+            self.add(TimelineRow(who, phase, start, self.now(), key, outcome, detail))
+
+    def mark(
+        self,
+        what: str,
+        *,
+        who: str | None = None,
+        key: Hashable | None = None,
+        outcome: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """Record an instant event, such as the moment a message is lost."""
+        who = caller_label() if who is None else who
+        self.add(TimelineRow(who, what, self.now(), None, key, outcome, detail))
+
+    def observe_lock(self, event: LockEvent) -> None:
+        """A :class:`~chatkit.KeyedLock` observer: turns lock events into ``wait`` and ``hold`` spans."""
+        t = event.time - self._origin
+        ident = (event.label, event.keys)
+        key = event.keys[0] if len(event.keys) == 1 else event.keys
+        kind = event.kind
+        with self._guard:
+            if kind == "requested":
+                self._open[(*ident, "wait")] = t
+            elif kind == "acquired":
+                start = self._open.pop((*ident, "wait"), t)
+                self._rows.append(TimelineRow(event.label, "wait", start, t, key, "ok"))
+                self._open[(*ident, "hold")] = t
+            elif kind == "released":
+                start = self._open.pop((*ident, "hold"), t)
+                self._rows.append(TimelineRow(event.label, "hold", start, t, key, "ok"))
+            else:  # timed_out, cancelled, rejected
+                start = self._open.pop((*ident, "wait"), t)
+                self._rows.append(TimelineRow(event.label, "wait", start, t, key, kind))
+
+    def rows(self) -> list[TimelineRow]:
+        """The rows recorded so far, ordered by start time."""
+        with self._guard:
+            return sorted(self._rows, key=lambda r: (r.start, r.end is None, r.end or 0.0))
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        """The rows as plain dicts (for pandas, JSON, or a Gradio table)."""
+        return [asdict(r) for r in self.rows()]
+
+    # ------------------------------------------------------------------ rendering
+    def plot(
+        self,
+        *,
+        ax: Axes | None = None,
+        title: str | None = None,
+        width: float = 10.0,
+        legend: bool = True,
+    ) -> Figure:
+        """Draw a static Gantt chart: one lane per request, one colour per phase, damage as a red X.
+
+        Lock phases (``wait``, hatched grey; ``hold``, pale green) are wide background bars; work
+        phases (``model``, ``embed``, ``publish``, ``search``, ...) are narrow bars on top. Instant
+        events are markers (a red X when the name says damage: lost, reordered, partial, ...).
+        matplotlib is imported here, and the figure uses an Agg canvas, never ``pyplot``.
+
+        Args:
+            ax: draw into this matplotlib ``Axes`` instead of a new figure.
+            title: shown above the chart.
+            width: figure width in inches (new figures only); the height follows the lane count.
+            legend: whether to draw the legend.
+
+        Returns:
+            The ``matplotlib.figure.Figure`` drawn on.
+
+        Example:
+            >>> tl = Timeline()
+            >>> with tl.span("model", who="A"):
+            ...     pass
+            >>> tl.mark("lost", who="A", detail="user message 2")
+            >>> fig = tl.plot(title="one request")
+            >>> [t.get_text() for t in fig.axes[0].get_yticklabels()]
+            ['A']
+        """
+        from ._timeline_plot import plot_rows
+
+        return plot_rows(self.rows(), ax=ax, title=title, width=width, legend=legend)
+
+    def plot_interactive(self, *, title: str | None = None) -> Any:
+        """The same chart as an interactive ``plotly.graph_objects.Figure`` (hover for details).
+
+        Example:
+            >>> tl = Timeline()
+            >>> tl.add(TimelineRow("A", "model", 0.0, 0.05, key="s1"))
+            >>> fig = tl.plot_interactive()
+            >>> [trace.name for trace in fig.data]
+            ['model']
+        """
+        from ._timeline_plot import plot_rows_interactive
+
+        return plot_rows_interactive(self.rows(), title=title)
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows a timeline as its static chart, embedded as a base64 PNG (no JavaScript)."""
+        from ._timeline_plot import figure_html
+
+        return figure_html(self.plot(), alt=repr(self))
+
+
+def plot_timelines(timelines: Mapping[str, Timeline], *, width: float = 10.0, sharex: bool = True) -> Figure:
+    """Stack several timelines in one figure, sharing the time axis: before/after, policy by policy.
+
+    Raises:
+        ValueError: ``timelines`` is empty.
+        TypeError: a value is not a :class:`Timeline`.
+
+    Example:
+        >>> before, after = Timeline(), Timeline()
+        >>> before.add(TimelineRow("A", "model", 0.0, 0.05))
+        >>> after.add(TimelineRow("A", "hold", 0.0, 0.05))
+        >>> fig = plot_timelines({"before": before, "after": after})
+        >>> [ax.get_title(loc="left") for ax in fig.axes]
+        ['before', 'after']
+    """
+    from ._timeline_plot import plot_many
+
+    for name, tl in timelines.items():
+        if not isinstance(tl, Timeline):
+            raise TypeError(f"plot_timelines() wants Timeline values, got {type(tl).__name__} for {name!r}")
+    return plot_many({name: tl.rows() for name, tl in timelines.items()}, width=width, sharex=sharex)
+
+
+def _cancelled_types() -> type[BaseException]:
+    import asyncio
+
+    return asyncio.CancelledError

@@ -1,0 +1,816 @@
+"""A copy-on-write faiss vector store: atomic documents, pinned snapshots, readers that never block.
+
+How it works (Lucene's segments and near-real-time readers, in miniature):
+
+* The store is one reference to an immutable :class:`StoreSnapshot`: a tuple of immutable segments
+  (small faiss indexes) and one live bitmap per segment.
+* Readers read that reference once and search what they got. No lock, no waiting, no torn reads.
+* A writer splits and embeds its text in a worker thread, outside any lock; then, holding the source's
+  :class:`~chatkit.KeyedLock` key (so writes to one source publish in call order), it builds one new
+  segment and new bitmaps that tombstone the replaced rows, and swaps the reference. The swap happens
+  under a short internal guard that only writers take; its cost depends on what the write adds, not on
+  the size of the store (no ``clone_index``, no ``remove_ids``).
+* Compaction merges small segments and drops tombstoned rows, in the background by default, and
+  publishes the result by the same swap. A tiered policy plus a hard cap keep the segment count bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import copy
+import logging
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+import numpy as np
+from langchain_core.documents import Document
+from langchain_core.embeddings import Embeddings
+from langchain_core.vectorstores import VectorStore
+
+from ._compaction import plan_cap, plan_tiered
+from ._labels import caller_label
+from ._persist import load_snapshot, save_snapshot
+from ._progress import embed_in_batches
+from ._records import CompactionResult, DocumentRecord, StoreStatistics
+from ._segments import Segment, build_index, is_live, kill_rows, live_rows_mask, merge_segments
+from ._snapshot import StoreSnapshot, relevance
+from ._validate import as_matrix, check_content, check_metadata, check_positive_int, check_source
+from .lock import KeyedLock
+
+if TYPE_CHECKING:
+    from langchain_text_splitters import TextSplitter
+
+    from .timeline import Timeline
+
+__all__ = ["CowVectorStore", "StoreSnapshot", "DocumentRecord", "StoreStatistics", "CompactionResult"]
+
+logger = logging.getLogger(__name__)
+
+Compaction = Literal["background", "inline", "off"]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Rows ready to publish: validated, split, embedded (vectors normalised)."""
+
+    ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    metadatas: list[dict[str, Any]] = field(default_factory=list)
+    sources: list[str | None] = field(default_factory=list)
+    chunks: list[int | None] = field(default_factory=list)
+    vectors: np.ndarray | None = None
+    index: Any = None  # the faiss index for ``vectors``, built outside the guard
+
+
+@dataclass(slots=True)
+class _Published:
+    version: int
+    replaced: Counter[str]
+    merge: tuple[Segment, ...] | None  # segments this writer must merge (hard cap), already marked busy
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Done-callback: retrieve an abandoned future's exception so asyncio does not log it."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+class CowVectorStore(VectorStore):
+    """A copy-on-write vector store over faiss: documents appear and disappear atomically.
+
+    Args:
+        embeddings: any LangChain ``Embeddings``; default: the local all-MiniLM-L6-v2 model
+            (:func:`~chatkit.default_embeddings`), loaded on first use, never downloaded.
+        chunk_size, chunk_overlap: how ``add_document`` splits text (characters, with
+            ``RecursiveCharacterTextSplitter``).
+        progress: show a tqdm bar (notebook-aware) while embedding many chunks (128 or more).
+        embed_batch_size: chunks per call to the embedding model.
+        compaction: ``"background"`` (merge segments in a background thread), ``"inline"`` (the writer
+            merges before returning: deterministic, for tests) or ``"off"`` (only :meth:`compact`).
+        merge_factor: the tiered policy merges this many segments of one size tier into one.
+        max_segments: hard cap on segments; beyond it the writer merges the smallest ones itself.
+        timeline: record ``"embed"``, ``"publish"`` and ``"search"`` spans (and the source lock's
+            ``"wait"``/``"hold"``) on this :class:`~chatkit.Timeline`.
+
+    Raises:
+        TypeError / ValueError: a bad option (named in the message).
+
+    Example:
+        >>> import asyncio
+        >>> from chatkit import CowVectorStore, HashEmbeddings
+        >>> store = CowVectorStore(HashEmbeddings(dim=64), chunk_size=40, chunk_overlap=0)
+        >>> async def main():
+        ...     rec = await store.add_document("faq.md", "Refunds take five days.\\n\\nShipping is free.")
+        ...     docs = await store.asimilarity_search("how long do refunds take", k=1)
+        ...     return rec.chunks, rec.version, docs[0].page_content, docs[0].metadata
+        >>> asyncio.run(main())
+        (2, 1, 'Refunds take five days.', {'source': 'faq.md', 'chunk': 0, 'version': 1})
+        >>> store.sources(), store.version
+        (['faq.md'], 1)
+    """
+
+    def __init__(
+        self,
+        embeddings: Embeddings | None = None,
+        *,
+        chunk_size: int = 500,
+        chunk_overlap: int = 50,
+        progress: bool = True,
+        embed_batch_size: int = 64,
+        compaction: Compaction = "background",
+        merge_factor: int = 4,
+        max_segments: int = 32,
+        timeline: Timeline | None = None,
+    ) -> None:
+        if embeddings is not None and not isinstance(embeddings, Embeddings):
+            raise TypeError(f"embeddings must be a LangChain Embeddings or None, got {type(embeddings).__name__}")
+        chunk_size = check_positive_int("chunk_size", chunk_size)
+        chunk_overlap = check_positive_int("chunk_overlap", chunk_overlap, minimum=0)
+        if chunk_overlap >= chunk_size:
+            raise ValueError(f"chunk_overlap ({chunk_overlap}) must be smaller than chunk_size ({chunk_size})")
+        if compaction not in ("background", "inline", "off"):
+            raise ValueError(f"compaction must be 'background', 'inline' or 'off', got {compaction!r}")
+        self._merge_factor = check_positive_int("merge_factor", merge_factor, minimum=2)
+        self._max_segments = check_positive_int("max_segments", max_segments, minimum=2)
+        self._embed_batch_size = check_positive_int("embed_batch_size", embed_batch_size)
+        self._chunk_size, self._chunk_overlap = chunk_size, chunk_overlap
+        self._progress = bool(progress)
+        self._compaction: Compaction = compaction
+        self._timeline = timeline
+        self._embeddings = embeddings
+        self._embeddings_guard = threading.Lock()
+        self._splitter: TextSplitter | None = None
+        # per-source write order; timeline observers see its wait/hold spans
+        self._lock = KeyedLock(observer=None if timeline is None else timeline.observe_lock)
+        # _guard: held only by writers, briefly, to turn the current snapshot into the next one
+        self._guard = threading.Lock()
+        self._changed = threading.Condition(self._guard)  # notified when merges finish
+        self._busy: set[Segment] = set()  # segments some merge is working on
+        self._compactor: threading.Thread | None = None
+        self._save_guard = threading.Lock()
+        self._state = StoreSnapshot(version=0, dim=None, segments=(), lives=(), embedder=self._embedder, timeline=timeline)
+
+    # ------------------------------------------------------------------ basics
+
+    def _embedder(self) -> Embeddings:
+        emb = self._embeddings
+        if emb is None:
+            with self._embeddings_guard:
+                if self._embeddings is None:
+                    from .embeddings import default_embeddings
+
+                    self._embeddings = default_embeddings()
+                emb = self._embeddings
+        return emb
+
+    @property
+    def embeddings(self) -> Embeddings:
+        """The embedding model (loads the default model on first access when none was given)."""
+        return self._embedder()
+
+    @property
+    def version(self) -> int:
+        """The current version: 0 when new, +1 per published change (compaction does not count)."""
+        return self._state.version
+
+    def snapshot(self) -> StoreSnapshot:
+        """The current version, pinned: it never changes, whatever is published later."""
+        return self._state
+
+    def sources(self) -> list[str]:
+        """The sources (added with :meth:`add_document`) that are in the store now, sorted."""
+        return self._state.sources()
+
+    def statistics(self) -> StoreStatistics:
+        """Counts describing the current version."""
+        return self._state.statistics()
+
+    def __len__(self) -> int:
+        """The number of live chunks and documents."""
+        return len(self._state)
+
+    def __repr__(self) -> str:
+        s = self._state
+        emb = type(self._embeddings).__name__ if self._embeddings is not None else "default (not loaded)"
+        return (
+            f"<CowVectorStore version={s.version} rows={len(s)} segments={len(s.segments)}"
+            f" dead={sum(s._dead)} dim={s.dim} embeddings={emb} compaction={self._compaction!r}>"
+        )
+
+    @contextlib.contextmanager
+    def _span(self, phase: str, who: str | None, key: Any) -> Iterator[None]:
+        if self._timeline is None:
+            yield
+            return
+        with self._timeline.span(phase, who=who, key=key):
+            yield
+
+    # ------------------------------------------------------------------ preparing rows (no lock held)
+
+    def _split(self, content: str) -> list[str]:
+        if self._splitter is None:
+            from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+            self._splitter = RecursiveCharacterTextSplitter(chunk_size=self._chunk_size, chunk_overlap=self._chunk_overlap)
+        return [c for c in self._splitter.split_text(content) if c.strip()]
+
+    def _embed(self, batch: _Batch, who: str | None, key: Any) -> _Batch:
+        """Embed ``batch.texts`` (in the calling thread) and build their faiss index."""
+        with self._span("embed", who, key):
+            emb = self._embedder()
+            raw = embed_in_batches(
+                emb,
+                batch.texts,
+                batch_size=self._embed_batch_size,
+                progress=self._progress,
+                desc=f"embedding {key}" if isinstance(key, str) else "embedding",
+            )
+            batch.vectors = as_matrix(raw, len(batch.texts), self._state.dim, type(emb).__name__)
+            batch.index = build_index(batch.vectors) if len(batch.texts) else None
+        return batch
+
+    def _prepare_sources(self, items: Sequence[tuple[str, str, dict[str, Any]]], who: str | None) -> _Batch:
+        batch = _Batch()
+        for source, content, metadata in items:
+            pieces = self._split(content)
+            if not pieces:
+                raise ValueError(f"content of {source!r} produced no chunks")
+            for i, text in enumerate(pieces):
+                batch.ids.append(uuid.uuid4().hex)
+                batch.texts.append(text)
+                batch.metadatas.append(metadata)
+                batch.sources.append(source)
+                batch.chunks.append(i)
+        key = items[0][0] if len(items) == 1 else tuple(s for s, _, _ in items)
+        return self._embed(batch, who, key)
+
+    def _check_texts(
+        self, texts: Iterable[str], metadatas: Sequence[Mapping[str, Any] | None] | None, ids: Sequence[str | None] | None
+    ) -> _Batch:
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of str, not one str")
+        text_list = list(texts)
+        for t in text_list:
+            if not isinstance(t, str):
+                raise TypeError(f"texts must be str, got {type(t).__name__} {t!r:.60}")
+        n = len(text_list)
+        if metadatas is not None and len(metadatas) != n:
+            raise ValueError(f"got {len(metadatas)} metadatas for {n} texts")
+        if ids is not None:
+            if isinstance(ids, str):
+                raise TypeError("ids must be a list of str, not one str")
+            if len(ids) != n:
+                raise ValueError(f"got {len(ids)} ids for {n} texts")
+        batch = _Batch()
+        for i, text in enumerate(text_list):
+            md = None if metadatas is None else metadatas[i]
+            if md is not None and not isinstance(md, Mapping):
+                raise TypeError(f"metadata {i} must be a dict or None, got {type(md).__name__}")
+            doc_id = None if ids is None else ids[i]
+            if doc_id is not None and not isinstance(doc_id, str):
+                raise TypeError(f"ids must be str or None, got {type(doc_id).__name__} {doc_id!r:.60}")
+            if doc_id is not None and not doc_id:
+                raise ValueError("ids must not be empty strings")
+            batch.ids.append(doc_id or uuid.uuid4().hex)
+            batch.texts.append(text)
+            batch.metadatas.append(copy.deepcopy(dict(md)) if md else {})
+            batch.sources.append(None)
+            batch.chunks.append(None)
+        if len(set(batch.ids)) != n:
+            dup = next(i for i, c in Counter(batch.ids).items() if c > 1)
+            raise ValueError(f"id {dup!r} appears twice in one call")
+        return batch
+
+    # ------------------------------------------------------------------ publishing (under the guard)
+
+    def _new_state(self, version: int, dim: int | None, segments: list[Segment], lives: list[np.ndarray | None]) -> StoreSnapshot:
+        return StoreSnapshot(
+            version=version, dim=dim, segments=segments, lives=lives, embedder=self._embedder, timeline=self._timeline
+        )
+
+    def _publish(
+        self,
+        batch: _Batch | None,
+        *,
+        kill_sources: Sequence[str] = (),
+        kill_ids: Sequence[str] = (),
+        clear: bool = False,
+    ) -> _Published | None:
+        """Swap in the next snapshot: ``batch``'s rows appear and the rows of ``kill_sources`` /
+        ``kill_ids`` (or all rows, ``clear``) disappear, in one step. ``None`` when nothing changed."""
+        with self._guard:
+            cur = self._state
+            dim = cur.dim
+            adding = batch is not None and len(batch.ids) > 0
+            if adding:
+                assert batch is not None and batch.vectors is not None
+                if dim is not None and batch.vectors.shape[1] != dim:
+                    raise ValueError(
+                        f"the embeddings returned {batch.vectors.shape[1]}-d vectors but the store holds {dim}-d vectors"
+                    )
+                dim = int(batch.vectors.shape[1])
+            replaced: Counter[str] = Counter()
+            segments: list[Segment] = []
+            lives: list[np.ndarray | None] = []
+            changed = False
+            for seg, live in zip(cur.segments, cur.lives):
+                if clear:
+                    changed = True
+                    continue
+                doomed: list[np.ndarray] = []
+                for source in kill_sources:
+                    rows = seg.source_rows.get(source)
+                    if rows is not None:
+                        rows = rows[is_live(live, rows)]
+                        if rows.size:
+                            doomed.append(rows)
+                            replaced[source] += int(rows.size)
+                for doc_id in kill_ids:
+                    row = seg.id_to_row.get(doc_id)
+                    if row is not None:
+                        rows = np.array([row], dtype=np.int64)
+                        if is_live(live, rows)[0]:
+                            doomed.append(rows)
+                if doomed:
+                    changed = True
+                    live = kill_rows(live, seg.n, np.unique(np.concatenate(doomed)))
+                    if not live.any():
+                        continue  # every row dead: drop the whole segment now
+                segments.append(seg)
+                lives.append(live)
+            if adding:
+                assert batch is not None
+                version_rows = [cur.version + 1] * len(batch.ids)
+                segments.append(
+                    Segment(
+                        index=batch.index,
+                        ids=batch.ids,
+                        texts=batch.texts,
+                        metadatas=batch.metadatas,
+                        sources=batch.sources,
+                        chunks=batch.chunks,
+                        versions=version_rows,
+                    )
+                )
+                lives.append(None)
+            elif not changed:
+                return None
+            self._state = self._new_state(cur.version + 1, dim, segments, lives)
+            merge = self._schedule_locked()
+            return _Published(version=cur.version + 1, replaced=replaced, merge=merge)
+
+    # ------------------------------------------------------------------ compaction
+
+    def _sizes_locked(self) -> tuple[list[int], list[int], list[bool]]:
+        s = self._state
+        return [seg.n for seg in s.segments], list(s._dead), [seg in self._busy for seg in s.segments]
+
+    def _schedule_locked(self) -> tuple[Segment, ...] | None:
+        """After a publish: start the background compactor if due; return segments the writer must merge."""
+        if self._compaction == "off":
+            return None
+        sizes, dead, busy = self._sizes_locked()
+        cap = plan_cap(sizes, dead, busy, max_segments=self._max_segments)
+        if cap is not None:
+            segs = tuple(self._state.segments[i] for i in cap)
+            self._busy.update(segs)
+            return segs
+        if self._compaction == "background" and self._compactor is None:
+            if plan_tiered(sizes, dead, busy, factor=self._merge_factor) is not None:
+                self._compactor = threading.Thread(target=self._compact_loop, name="chatkit-compactor", daemon=True)
+                self._compactor.start()
+        return None
+
+    def _plan_locked(self) -> tuple[Segment, ...] | None:
+        sizes, dead, busy = self._sizes_locked()
+        plan = plan_tiered(sizes, dead, busy, factor=self._merge_factor)
+        if plan is None:
+            return None
+        segs = tuple(self._state.segments[i] for i in plan)
+        self._busy.update(segs)
+        return segs
+
+    def _compact_loop(self) -> None:
+        """The background compactor: merge what the tiered policy asks for until nothing is due."""
+        while True:
+            with self._guard:
+                segs = self._plan_locked()
+                if segs is None:
+                    self._compactor = None
+                    self._changed.notify_all()
+                    return
+            try:
+                self._merge(segs)
+            except Exception:  # never let a merge failure kill writers; the store stays valid
+                logger.exception("background compaction failed; the store is unchanged")
+                with self._guard:
+                    self._compactor = None
+                    self._changed.notify_all()
+                return
+
+    def _run_inline_merges(self, first: tuple[Segment, ...] | None) -> None:
+        """Merge ``first`` (already marked busy), then, in ``"inline"`` mode, whatever else is due."""
+        segs = first
+        while True:
+            if segs is not None:
+                self._merge(segs)
+            if self._compaction != "inline":
+                return
+            with self._guard:
+                segs = self._plan_locked()
+            if segs is None:
+                return
+
+    def _merge(self, segs: tuple[Segment, ...]) -> CompactionResult:
+        """Merge ``segs`` (marked busy by the caller) into one segment and swap it in; unmark them."""
+        try:
+            with self._span("compact", None, None):
+                base = self._state
+                where = {id(s): i for i, s in enumerate(base.segments)}
+                base_lives = [base.lives[where[id(s)]] for s in segs]
+                merged, remaps = merge_segments(segs, base_lives)  # the slow part, outside the guard
+                with self._guard:
+                    cur = self._state
+                    now = {id(s): i for i, s in enumerate(cur.segments)}
+                    merged_live: np.ndarray | None = None
+                    if merged is not None:
+                        # rows tombstoned while we were merging stay dead in the merged segment
+                        for seg, old_live, remap in zip(segs, base_lives, remaps):
+                            new_live = cur.lives[now[id(seg)]]
+                            if new_live is old_live:
+                                continue
+                            gone = live_rows_mask(old_live, seg.n) & ~live_rows_mask(new_live, seg.n)
+                            rows = remap[gone]
+                            if rows.size:
+                                merged_live = kill_rows(merged_live, merged.n, rows)
+                    dropped = sum(s.n for s in segs) - (merged.n if merged is not None else 0)
+                    first = min(now[id(s)] for s in segs)
+                    segments, lives = [], []
+                    for i, (seg, live) in enumerate(zip(cur.segments, cur.lives)):
+                        if i == first and merged is not None and (merged_live is None or merged_live.any()):
+                            segments.append(merged)
+                            lives.append(merged_live)
+                        if id(seg) not in {id(s) for s in segs}:
+                            segments.append(seg)
+                            lives.append(live)
+                    self._state = self._new_state(cur.version, cur.dim, segments, lives)
+                    return CompactionResult(merged_segments=len(segs), dropped_rows=dropped, segments=len(segments))
+        finally:
+            with self._guard:
+                self._busy.difference_update(segs)
+                self._changed.notify_all()
+
+    def compact(self) -> CompactionResult:
+        """Merge every segment into one and drop tombstoned rows; publish by swap (the version stays).
+
+        Waits for merges already running. Readers are never blocked; writers keep publishing meanwhile
+        (their new segments are not part of this merge). Prefer :meth:`acompact` on an event loop.
+        """
+        with self._guard:
+            self._changed.wait_for(lambda: not self._busy)
+            s = self._state
+            if len(s.segments) == 0 or (len(s.segments) == 1 and s._dead[0] == 0):
+                return CompactionResult(merged_segments=0, dropped_rows=0, segments=len(s.segments))
+            segs = tuple(s.segments)
+            self._busy.update(segs)
+        return self._merge(segs)
+
+    async def acompact(self) -> CompactionResult:
+        """:meth:`compact` in a worker thread."""
+        return await asyncio.to_thread(self.compact)
+
+    def wait_for_compaction(self, timeout: float | None = None) -> bool:
+        """Block until no merge is running or due in the background; ``False`` if ``timeout`` expired."""
+        with self._guard:
+            return self._changed.wait_for(lambda: self._compactor is None and not self._busy, timeout)
+
+    # ------------------------------------------------------------------ the document API (async)
+
+    async def _write_sources(self, items: list[tuple[str, str, dict[str, Any]]]) -> tuple[DocumentRecord, ...]:
+        sources = [s for s, _, _ in items]
+        who = caller_label()
+        key: Any = sources[0] if len(sources) == 1 else tuple(sources)
+        loop = asyncio.get_running_loop()
+        # embedding starts now, in a worker thread, before we queue for the lock: writes to different
+        # sources embed in parallel, and a write never holds a lock while it computes
+        embedded = loop.run_in_executor(None, contextvars.copy_context().run, self._prepare_sources, items, who)
+        embedded.add_done_callback(_consume)
+        try:
+            async with self._lock(*sources):  # joins the queue now: same-source writes publish in call order
+                batch = await embedded
+                with self._span("publish", who, key):
+                    published = self._publish(batch, kill_sources=sources)
+        finally:
+            if not embedded.done():
+                embedded.cancel()
+        assert published is not None  # a batch with rows always publishes
+        if published.merge is not None or self._compaction == "inline":
+            await asyncio.to_thread(self._run_inline_merges, published.merge)
+        out: list[DocumentRecord] = []
+        for source in sources:
+            mine = tuple(i for i, s in zip(batch.ids, batch.sources) if s == source)
+            out.append(DocumentRecord(source, len(mine), published.version, mine, published.replaced[source]))
+        return tuple(out)
+
+    async def add_document(
+        self, source: str, content: str, metadata: Mapping[str, Any] | None = None
+    ) -> DocumentRecord:
+        """Split, embed and publish a document; all its chunks appear at once.
+
+        Adding a source that exists replaces it atomically: its old chunks disappear in the same step
+        the new ones appear. Writes to the same source publish in call order.
+
+        Args:
+            source: the document's name.
+            content: its text (split into chunks of ``chunk_size`` characters).
+            metadata: extra metadata for every chunk (JSON-serializable if you will :meth:`save`).
+                ``source``, ``chunk`` and ``version`` are added by the store.
+
+        Raises:
+            TypeError: ``source`` or ``content`` is not a str, ``metadata`` not a dict.
+            ValueError: empty source, empty or whitespace-only content, a reserved metadata key,
+                or vectors of the wrong dimension. Nothing is published.
+        """
+        source = check_source(source)
+        content = check_content(content, source)
+        md = check_metadata(metadata, source)
+        (record,) = await self._write_sources([(source, content, md)])
+        return record
+
+    async def _add_sources(
+        self, documents: Mapping[str, str], metadata: Mapping[str, Mapping[str, Any]] | None
+    ) -> tuple[DocumentRecord, ...]:
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must map sources to dicts, got {type(metadata).__name__}")
+        extra = set(metadata or ()) - set(documents)
+        if extra:
+            raise ValueError(f"metadata given for sources that are not being added: {sorted(extra)!r}")
+        items = []
+        for source, content in documents.items():
+            source = check_source(source)
+            items.append((source, check_content(content, source), check_metadata((metadata or {}).get(source), source)))
+        if not items:
+            return ()
+        return await self._write_sources(items)
+
+    @overload
+    def add_documents(  # type: ignore[overload-overlap]
+        self, documents: Mapping[str, str], *, metadata: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> Coroutine[Any, Any, tuple[DocumentRecord, ...]]: ...
+    @overload
+    def add_documents(self, documents: list[Document], **kwargs: Any) -> list[str]: ...
+    def add_documents(self, documents: Any, **kwargs: Any) -> Any:
+        """Two forms:
+
+        * ``await store.add_documents({source: content, ...}, metadata={source: {...}})``: several
+          sources split, embedded and published in one atomic step; returns their
+          :class:`DocumentRecord` s.
+        * ``store.add_documents([Document, ...], ids=None)``: LangChain's method: documents stored as
+          given (no splitting, metadata untouched), an existing id replaced; returns the ids.
+
+        Raises:
+            TypeError / ValueError: as for :meth:`add_document` / :meth:`add_texts`.
+        """
+        if isinstance(documents, Mapping):
+            unknown = set(kwargs) - {"metadata"}
+            if unknown:
+                raise TypeError(f"unexpected keyword arguments {sorted(unknown)!r}")
+            return self._add_sources(documents, kwargs.get("metadata"))
+        return super().add_documents(documents, **kwargs)
+
+    async def aadd_documents(self, documents: Any, **kwargs: Any) -> Any:
+        """Async :meth:`add_documents` (either form)."""
+        if isinstance(documents, Mapping):
+            return await self.add_documents(documents, **kwargs)
+        return await super().aadd_documents(documents, **kwargs)
+
+    async def remove_document(self, source: str) -> bool:
+        """Remove every chunk of ``source`` in one step; whether it was there.
+
+        Raises:
+            TypeError / ValueError: ``source`` is not a non-empty str.
+        """
+        source = check_source(source)
+        who = caller_label()
+        async with self._lock(source):
+            with self._span("publish", who, source):
+                published = self._publish(None, kill_sources=[source])
+        return published is not None
+
+    # ------------------------------------------------------------------ LangChain writes (ids, no splitting)
+
+    def add_texts(
+        self,
+        texts: Iterable[str],
+        metadatas: list[dict[str, Any]] | None = None,
+        *,
+        ids: list[str | None] | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Embed ``texts`` (in this thread) and publish them as documents, as given, in one step.
+
+        An id already in the store is replaced; missing ids are generated. Metadata is copied, not
+        stamped. Same-id writes from several threads: the last to publish wins.
+
+        Raises:
+            TypeError / ValueError: non-str texts or ids, mismatched lengths, a repeated id,
+                or vectors of the wrong dimension. Nothing is published.
+        """
+        batch = self._check_texts(texts, metadatas, ids)
+        if not batch.ids:
+            return []
+        who = caller_label()
+        self._embed(batch, who, None)
+        with self._span("publish", who, None):
+            published = self._publish(batch, kill_ids=batch.ids)
+        if published is not None and (published.merge is not None or self._compaction == "inline"):
+            self._run_inline_merges(published.merge)
+        return list(batch.ids)
+
+    async def aadd_texts(
+        self,
+        texts: Iterable[str],
+        metadatas: list[dict[str, Any]] | None = None,
+        *,
+        ids: list[str | None] | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
+        """:meth:`add_texts` with the embedding in a worker thread."""
+        batch = self._check_texts(texts, metadatas, ids)
+        if not batch.ids:
+            return []
+        who = caller_label()
+        await asyncio.to_thread(self._embed, batch, who, None)
+        with self._span("publish", who, None):
+            published = self._publish(batch, kill_ids=batch.ids)
+        if published is not None and (published.merge is not None or self._compaction == "inline"):
+            await asyncio.to_thread(self._run_inline_merges, published.merge)
+        return list(batch.ids)
+
+    def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
+        """Remove the documents with these ids in one step (missing ids are ignored); ``None``: remove all.
+
+        Raises:
+            TypeError: ``ids`` is a str or holds non-str values.
+        """
+        if ids is not None:
+            if isinstance(ids, str):
+                raise TypeError(f"ids must be a list of str, got the str {ids!r}")
+            ids = list(ids)
+            for doc_id in ids:
+                if not isinstance(doc_id, str):
+                    raise TypeError(f"ids must be str, got {type(doc_id).__name__} {doc_id!r:.60}")
+            if not ids:
+                return True
+        with self._span("publish", None, None):
+            self._publish(None, kill_ids=ids or (), clear=ids is None)
+        return True
+
+    async def adelete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
+        """:meth:`delete` (it does no I/O and holds the guard only briefly, so it runs inline)."""
+        return self.delete(ids, **kwargs)
+
+    # ------------------------------------------------------------------ LangChain reads (delegate to the snapshot)
+
+    def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
+        """The live documents with these ids (missing ids are skipped)."""
+        return self._state.get_by_ids(ids)
+
+    async def aget_by_ids(self, ids: Sequence[str], /) -> list[Document]:
+        """:meth:`get_by_ids` (no I/O: runs inline)."""
+        return self._state.get_by_ids(ids)
+
+    def similarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:
+        """The ``k`` documents closest to ``query`` (see :meth:`StoreSnapshot.similarity_search`).
+
+        Raises:
+            TypeError / ValueError: ``k < 1``, a non-str query, a bad filter.
+        """
+        return self._state.similarity_search(query, k, **kwargs)
+
+    def similarity_search_with_score(self, query: str, k: int = 4, **kwargs: Any) -> list[tuple[Document, float]]:
+        """Documents with their cosine similarity to ``query`` (higher is closer)."""
+        return self._state.similarity_search_with_score(query, k, **kwargs)
+
+    def _select_relevance_score_fn(self) -> Callable[[float], float]:
+        return relevance
+
+    def similarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any) -> list[Document]:
+        """The ``k`` documents closest to a vector.
+
+        Raises:
+            ValueError: the vector's dimension differs from the store's, or holds NaN.
+        """
+        return self._state.similarity_search_by_vector(embedding, k, **kwargs)
+
+    def similarity_search_with_score_by_vector(
+        self, embedding: list[float], k: int = 4, **kwargs: Any
+    ) -> list[tuple[Document, float]]:
+        """Documents with their cosine similarity to a vector."""
+        return self._state.similarity_search_with_score_by_vector(embedding, k, **kwargs)
+
+    def max_marginal_relevance_search(
+        self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5, **kwargs: Any
+    ) -> list[Document]:
+        """``k`` documents chosen among the ``fetch_k`` closest for relevance and diversity (MMR)."""
+        return self._state.max_marginal_relevance_search(query, k, fetch_k, lambda_mult, **kwargs)
+
+    def max_marginal_relevance_search_by_vector(
+        self, embedding: list[float], k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5, **kwargs: Any
+    ) -> list[Document]:
+        """MMR search from a vector."""
+        return self._state.max_marginal_relevance_search_by_vector(embedding, k, fetch_k, lambda_mult, **kwargs)
+
+    async def asimilarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:
+        """:meth:`similarity_search` in a worker thread, on the snapshot current at the call."""
+        return await self._state.asimilarity_search(query, k, **kwargs)
+
+    async def asimilarity_search_with_score(self, *args: Any, **kwargs: Any) -> list[tuple[Document, float]]:
+        """:meth:`similarity_search_with_score` in a worker thread."""
+        return await self._state.asimilarity_search_with_score(*args, **kwargs)
+
+    async def asimilarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any) -> list[Document]:
+        """:meth:`similarity_search_by_vector` in a worker thread."""
+        return await self._state.asimilarity_search_by_vector(embedding, k, **kwargs)
+
+    async def amax_marginal_relevance_search(
+        self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5, **kwargs: Any
+    ) -> list[Document]:
+        """:meth:`max_marginal_relevance_search` in a worker thread."""
+        return await self._state.amax_marginal_relevance_search(query, k, fetch_k, lambda_mult, **kwargs)
+
+    async def amax_marginal_relevance_search_by_vector(
+        self, embedding: list[float], k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5, **kwargs: Any
+    ) -> list[Document]:
+        """:meth:`max_marginal_relevance_search_by_vector` in a worker thread."""
+        return await self._state.amax_marginal_relevance_search_by_vector(embedding, k, fetch_k, lambda_mult, **kwargs)
+
+    def _get_retriever_tags(self) -> list[str]:
+        name = type(self._embeddings).__name__ if self._embeddings is not None else "HuggingFaceEmbeddings"
+        return [type(self).__name__, name]
+
+    # ------------------------------------------------------------------ construction, persistence
+
+    @classmethod
+    def from_texts(
+        cls,
+        texts: list[str],
+        embedding: Embeddings,
+        metadatas: list[dict[str, Any]] | None = None,
+        *,
+        ids: list[str] | None = None,
+        **kwargs: Any,
+    ) -> CowVectorStore:
+        """A new store (``kwargs`` go to the constructor) holding ``texts`` as documents."""
+        store = cls(embedding, **kwargs)
+        store.add_texts(texts, metadatas, ids=ids)
+        return store
+
+    def save(self, directory: str | PathLike[str]) -> Path:
+        """Save the current version into ``directory`` (JSON manifest + faiss files, no pickle).
+
+        Atomic: a crash at any point leaves the previously saved version loadable. Segments saved
+        before into the same directory are not written again. Returns the manifest's path.
+
+        Raises:
+            TypeError: some metadata is not JSON-serializable.
+            ValueError: ``directory`` holds some other program's ``manifest.json``.
+            OSError: the file system failed (the previous save is intact).
+        """
+        with self._save_guard:
+            return save_snapshot(self._state, directory)
+
+    async def asave(self, directory: str | PathLike[str]) -> Path:
+        """:meth:`save` in a worker thread."""
+        return await asyncio.to_thread(self.save, directory)
+
+    @classmethod
+    def load(cls, directory: str | PathLike[str], embeddings: Embeddings | None = None, **kwargs: Any) -> CowVectorStore:
+        """A store holding what :meth:`save` wrote (``kwargs`` go to the constructor).
+
+        Raises:
+            FileNotFoundError: no saved store there, or a file it lists is missing.
+            ValueError: a corrupt or unsafe manifest or file, or the embeddings give vectors of
+                another dimension than the saved ones.
+        """
+        loaded = load_snapshot(directory)
+        store = cls(embeddings, **kwargs)
+        if loaded.dim is not None:
+            from .embeddings import embedding_dimension
+
+            have = embedding_dimension(store._embedder())
+            if have != loaded.dim:
+                raise ValueError(
+                    f"the store saved in {directory} holds {loaded.dim}-d vectors but "
+                    f"{type(store._embedder()).__name__} gives {have}-d vectors; load it with the model that built it"
+                )
+        store._state = store._new_state(loaded.version, loaded.dim, list(loaded.segments), list(loaded.lives))
+        return store
