@@ -4,6 +4,7 @@ Run it::
 
     python demo_app.py [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASS]
                        [--model DIR] [--data DIR] [--embeddings minilm|hash] [--latency SECONDS]
+                       [--chat-concurrency N]
 
 Design (see docs/readme/demo.md):
 
@@ -34,7 +35,7 @@ import dataclasses
 import logging
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +47,9 @@ __all__ = [
     "DemoConfig",
     "DemoServices",
     "DemoHandlers",
+    "EXPERIMENTS",
+    "KnowledgeHandlers",
+    "RaceLabHandlers",
     "SessionBinder",
     "UploadRejected",
     "build_demo",
@@ -290,14 +294,25 @@ class SessionBinder:
 
 # ------------------------------------------------------------------------------------------ services
 class _Burst:
-    """Model latency for the turns of one double-texting burst; records when each model call starts."""
+    """Model latency for the turns of one double-texting burst.
+
+    A turn's model call signals that it started, then waits until every message of the burst has been
+    sent, then ``seconds``: so the first reply can never finish before the last message arrived, however
+    slow the machine, and each policy shows its behaviour on every run.
+    """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+        self.all_sent = asyncio.Event()
         self._started: dict[str, asyncio.Event] = {}
 
     def started(self, text: str) -> asyncio.Event:
         return self._started.setdefault(text, asyncio.Event())
+
+    async def latency(self, text: str) -> float:
+        self.started(text).set()
+        await self.all_sent.wait()
+        return self.seconds
 
 
 # The burst a turn belongs to. A ContextVar, not a global: it is set only in the task that sends a burst
@@ -338,13 +353,10 @@ class DemoServices:
             raise RuntimeError("DemoServices.ready() must be awaited before sessions are created")
         return self.manager.create_session()
 
-    def _latency(self, text: str) -> float:
-        """The extractive model's latency: normal, or slow for the turns of a double-texting burst."""
+    def _latency(self, text: str) -> float | Awaitable[float]:
+        """The extractive model's latency: normal, or held and slow for the turns of a double-texting burst."""
         burst = _BURST.get()
-        if burst is None:
-            return self.config.latency
-        burst.started(text).set()
-        return burst.seconds
+        return self.config.latency if burst is None else burst.latency(text)
 
     def _build_embeddings(self) -> Any:
         if self.config.embeddings == "hash":
@@ -371,9 +383,16 @@ class DemoServices:
             documents: dict[str, str] = {}
             if self.config.data_dir is not None:
                 for path in sorted(Path(self.config.data_dir).iterdir()):
-                    if path.suffix.lower() in ALLOWED_SUFFIXES and path.name.lower() != "readme.md":
+                    if not path.is_file() or path.suffix.lower() not in ALLOWED_SUFFIXES:
+                        continue
+                    if path.name.lower() == "readme.md":  # describes the corpus; not part of it
+                        continue
+                    try:
                         name, text = read_upload(path, max_bytes=10 * 1024 * 1024)
-                        documents[name] = text
+                    except UploadRejected as exc:
+                        logger.warning("skipping a knowledge-base file: %s", exc)
+                        continue
+                    documents[name] = text
             if documents:
                 await store.add_documents(documents)  # one atomic publish
             self.store = store
@@ -517,21 +536,28 @@ class DemoHandlers:
         manager = self.services.manager
         burst = _Burst(self.services.config.burst_latency)
         token = _BURST.set(burst)  # inherited by the tasks created below, and only by them
+        tasks: list[asyncio.Task[Any]] = []
+        started = asyncio.create_task(burst.started(texts[0]).wait())
         try:
             # message 1 first; the others the moment its model call has started (or it has finished),
             # each created in order so that each joins the session's queue before the next
-            tasks = [asyncio.create_task(manager.chat(sid, texts[0], policy=policy))]
-            started = asyncio.create_task(burst.started(texts[0]).wait())
+            tasks.append(asyncio.create_task(manager.chat(sid, texts[0], policy=policy)))
             await asyncio.wait([tasks[0], started], return_when=asyncio.FIRST_COMPLETED)
-            started.cancel()
             for t in texts[1:]:
                 tasks.append(asyncio.create_task(manager.chat(sid, t, policy=policy)))
                 await asyncio.sleep(0)
+            burst.all_sent.set()
             outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        except BaseException:  # the visitor went away: cancel the burst's turns (chatkit rolls them back)
+            for task in tasks:
+                task.cancel()
+            raise
         finally:
+            started.cancel()
+            burst.all_sent.set()  # never leave a turn held, whatever happened above
             _BURST.reset(token)
         history = await self.services.manager.get_history(sid)
-        rows = [[t, *_describe_outcome(t, out, history)] for t, out in zip(texts, outcomes, strict=True)]
+        rows = [[t, *_describe_outcome(out)] for t, out in zip(texts, outcomes, strict=True)]
         return _chat_messages(history), rows, POLICY_HELP[policy]
 
     async def api_session(self, request: gr.Request) -> str:
@@ -555,17 +581,13 @@ class DemoHandlers:
         sid = self.services.binder.release(request)
         if sid is not None and self.services.manager is not None:
             try:
-                await _maybe_await(self.services.manager.delete_session(sid))
+                await self.services.manager.delete_session(sid)
             except chatkit.ChatkitError:  # already expired
                 pass
 
 
-async def _maybe_await(value: Any) -> Any:
-    return await value if asyncio.iscoroutine(value) else value
-
-
-def _describe_outcome(text: str, outcome: object, history: Sequence[Any]) -> tuple[str, str]:
-    """(what happened, reply) for one double-texted message, from its result and the final history."""
+def _describe_outcome(outcome: object) -> tuple[str, str]:
+    """(what happened, reply) for one double-texted message, from what its ``chat()`` call returned."""
     if isinstance(outcome, chatkit.SessionBusy):
         return "rejected at once (session busy); nothing stored", ""
     kept = getattr(outcome, "kept_message", None)  # chatkit's TurnInterrupted
@@ -926,7 +948,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embeddings", choices=("minilm", "hash"), default="minilm",
                         help="minilm: the local all-MiniLM-L6-v2 (default); hash: fast, for smoke tests")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds the extractive model takes per reply")
+    parser.add_argument("--chat-concurrency", type=int, default=CHAT_LIMIT, metavar="N",
+                        help=f"chat events running at once across all visitors (default {CHAT_LIMIT}; "
+                        "1 = Gradio's default single queue, for comparison)")
     args = parser.parse_args(argv)
+    if args.chat_concurrency < 1:
+        parser.error(f"--chat-concurrency must be >= 1, got {args.chat_concurrency}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     for name in ("data", "model"):
@@ -949,7 +976,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = DemoConfig(data_dir=args.data, model_dir=args.model, embeddings=args.embeddings, latency=args.latency)
     services = DemoServices(config)
-    app = build_demo(services=services)
+    app = build_demo(services=services, chat_concurrency=args.chat_concurrency)
     if args.share and args.auth is None:
         print(
             "WARNING: --share without --auth: anyone who gets the public link can use this demo. "

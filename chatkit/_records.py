@@ -46,6 +46,11 @@ class StoreStatistics:
         segments: immutable segments (faiss indexes) making up the version.
         dead_rows: rows hidden by tombstones, waiting for compaction to drop them.
         dim: vector dimension (``None`` until the first vector is known).
+
+    Example:
+        >>> from chatkit import CowVectorStore, HashEmbeddings
+        >>> CowVectorStore(HashEmbeddings(dim=8)).statistics()
+        StoreStatistics(version=0, sources=0, chunks=0, segments=0, dead_rows=0, dim=None)
     """
 
     version: int
@@ -64,6 +69,13 @@ class CompactionResult:
         merged_segments: how many segments were merged into one (0: nothing to do).
         dropped_rows: tombstoned rows removed for good.
         segments: segments in the store right after the swap.
+
+    Example:
+        >>> from chatkit import CowVectorStore, HashEmbeddings
+        >>> store = CowVectorStore(HashEmbeddings(dim=8), compaction="off")
+        >>> _ = store.add_texts(["a"]), store.add_texts(["b"])
+        >>> store.compact()
+        CompactionResult(merged_segments=2, dropped_rows=0, segments=1)
     """
 
     merged_segments: int

@@ -1,8 +1,9 @@
 """The chat graph of :class:`~chatkit.SessionManager`: a LangGraph ``StateGraph`` over messages,
 ``retrieve`` (when a vector store is given) then ``generate``.
 
-The state keeps the conversation (``messages``, merged by id with ``add_messages``), when each message was
-written (``timestamps``, by message id) and the chunks retrieved for the current turn (``context``). The
+The state keeps the conversation (``messages``, merged by id with ``add_messages``; each message stored by
+:class:`~chatkit.SessionManager` carries when it was written in ``response_metadata["chatkit_timestamp"]``)
+and the chunks retrieved for the current turn (``context``). The
 context reaches the model as a system message built by :func:`chatkit.models.format_context`, put in front
 of the conversation for that one call and never stored.
 """
@@ -35,18 +36,10 @@ GENERATE = "generate"
 RETRIEVE = "retrieve"
 
 
-def merge_timestamps(left: dict[str, float] | None, right: dict[str, float] | None) -> dict[str, float]:
-    """Reducer of the ``timestamps`` channel: later writes add (or replace) entries."""
-    if not right:
-        return left or {}
-    return {**(left or {}), **right}
-
-
 class ChatState(TypedDict, total=False):
-    """The graph state: the conversation, its timestamps, and this turn's retrieved chunks."""
+    """The graph state: the conversation, and the chunks retrieved for the current turn."""
 
     messages: Annotated[list[AnyMessage], add_messages]
-    timestamps: Annotated[dict[str, float], merge_timestamps]
     context: list[Document]
 
 

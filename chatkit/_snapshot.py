@@ -87,12 +87,15 @@ class StoreSnapshot:
         lives: Sequence[np.ndarray | None],
         embedder: Callable[[], Embeddings],
         timeline: Timeline | None = None,
+        dead: Sequence[int] | None = None,
     ) -> None:
         self._version = version
         self._dim = dim
         self._segments: tuple[Segment, ...] = tuple(segments)
         self._lives: tuple[np.ndarray | None, ...] = tuple(lives)
-        self._dead: tuple[int, ...] = tuple(s.n - count_live(lv, s.n) for s, lv in zip(self._segments, self._lives))
+        if dead is None:  # writers pass the counts they already know; counting costs O(rows)
+            dead = [s.n - count_live(lv, s.n) for s, lv in zip(self._segments, self._lives)]
+        self._dead: tuple[int, ...] = tuple(dead)
         self._embedder = embedder
         self._timeline = timeline
 
@@ -121,6 +124,10 @@ class StoreSnapshot:
     def __len__(self) -> int:
         """The number of live rows (chunks and documents)."""
         return sum(s.n for s in self._segments) - sum(self._dead)
+
+    def __bool__(self) -> bool:
+        """Always true, even when empty."""
+        return True
 
     def __repr__(self) -> str:
         return f"<StoreSnapshot version={self._version} rows={len(self)} segments={len(self._segments)}>"

@@ -156,7 +156,8 @@ class RetrievalReport:
 
     def table(self) -> str:
         """A small fixed-width table: k, hits, hit rate."""
-        lines = ["  k   hits   hit rate", *(f"{k:>3}  {h:>2}/{self.questions:<3} {h / self.questions:>7.1%}" for k, h in zip(self.ks, self.hits, strict=True))]
+        rows = zip(self.ks, self.hits, strict=True)
+        lines = ["  k   hits   hit rate", *(f"{k:>3}  {h:>2}/{self.questions:<3} {h / self.questions:>7.1%}" for k, h in rows)]
         return "\n".join(lines)
 
     def plot(self, *, title: str | None = None) -> Figure:

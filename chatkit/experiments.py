@@ -190,7 +190,10 @@ class Comparison:
     def plot(self, *, width: float = 10.0) -> Figure:
         """Both timelines stacked on one time axis, titled with their summaries."""
         return plot_timelines(
-            {f"before: {self.before.summary()}": self.before.timeline, f"after: {self.after.summary()}": self.after.timeline},
+            {
+                f"before: {self.before.summary()}": self.before.timeline,
+                f"after: {self.after.summary()}": self.after.timeline,
+            },
             width=width,
         )
 
@@ -413,7 +416,7 @@ async def checkpointer_race(
     who = {m: owner[m.removeprefix("answer to: ")] for m in expected}
     anomalies = list(find_history_anomalies(expected, observed, who=who.__getitem__))
     lost_turns = [n for n, q in zip(names, questions, strict=True) if q not in observed]
-    anomalies[:0] = [Anomaly("lost turn", n, owner_q) for n, owner_q in zip(names, questions, strict=True) if n in lost_turns]
+    anomalies[:0] = [Anomaly("lost turn", n, q) for n, q in zip(names, questions, strict=True) if n in lost_turns]
     _mark_overwrites(timeline, lost_turns, end_of)
     checkpoints, branches = _checkpoint_tree(graph.checkpointer, config)
     return CheckpointRaceResult(
@@ -703,11 +706,14 @@ class SessionRaceResult(RaceResult):
         damage += [f"{reordered} reordered"] if reordered else []
         return (
             f"{self.variant}: {len(self.expected) // 2} concurrent messages, {len(self.observed)} of "
-            f"{len(self.expected)} history entries kept, " + (", ".join(damage) if damage else "nothing lost or reordered")
+            f"{len(self.expected)} history entries kept, "
+            + (", ".join(damage) if damage else "nothing lost or reordered")
         )
 
 
-def _gated_latency(gate: InFlight, owner: dict[str, str], latencies: dict[str, float]) -> Callable[[str], Awaitable[None]]:
+def _gated_latency(
+    gate: InFlight, owner: dict[str, str], latencies: dict[str, float]
+) -> Callable[[str], Awaitable[None]]:
     """An ``ExtractiveChatModel`` latency: wait until every request is in flight, then its own latency."""
 
     async def wait(text: str) -> None:
@@ -928,7 +934,8 @@ async def double_texting(policy: str, *, latency: float = 0.06) -> PolicyResult:
     outcomes = await asyncio.gather(one, two, return_exceptions=True)
     history = await manager.get_history(sid)
     lines = tuple(f"{m.role}: {_short(m.content, (first, second))}" for m in history)
-    u1, a1, u2, a2 = f"user: {first}", "assistant: reply to message 1", f"user: {second}", "assistant: reply to message 2"
+    u1, u2 = f"user: {first}", f"user: {second}"
+    a1, a2 = "assistant: reply to message 1", "assistant: reply to message 2"
     expected = {
         "enqueue": (u1, a1, u2, a2),
         "reject": (u1, a1),
@@ -936,8 +943,9 @@ async def double_texting(policy: str, *, latency: float = 0.06) -> PolicyResult:
         "rollback": (u2, a2),
         "no lock": (u1, a1, u2, a2),  # what the user wanted; the naive service does not deliver it
     }[policy]
-    replied = [n for n, o in zip(("message 1", "message 2"), outcomes, strict=True) if not isinstance(o, BaseException)]
-    lost = [n for n, text in (("message 1", first), ("message 2", second)) if n in replied and f"user: {text}" not in lines]
+    sent = (("message 1", first), ("message 2", second))
+    replied = {n for (n, _), o in zip(sent, outcomes, strict=True) if not isinstance(o, BaseException)}
+    lost = [n for n, text in sent if n in replied and f"user: {text}" not in lines]
     _mark_overwrites(timeline, lost, end_of, key=sid, what="lost reply")
     return PolicyResult(
         policy=policy,

@@ -260,18 +260,18 @@ class KeyedLock:
         Several keys are de-duplicated and taken together, atomically: no two callers can deadlock on each
         other's keys, and a caller that times out or is cancelled holds none of them.
         """
-        if len(keys) == 1:
+        if len(keys) != 1:
+            keys = _dedupe(keys)
+        else:
             try:
-                hash(*keys)
+                hash(keys[0])
             except TypeError:
                 raise TypeError(f"lock keys must be hashable, got {type(keys[0]).__name__} {keys[0]!r}") from None
-        else:
-            keys = _dedupe(keys)
         if timeout is _UNSET:
             timeout = self._timeout
         else:
             timeout = _check_timeout("timeout", timeout)
-        if label is not None and not isinstance(label, str):
+        if label is not None and type(label) is not str:
             raise TypeError(f"label must be a str or None, got {label!r}")
         req = _new_request(_Request)  # no __init__ call: this is the hot path
         req.lock = self
@@ -478,7 +478,7 @@ class KeyedLock:
                 del table[k]
                 continue
             head = next(iter(st.queue))
-            if self._can_grant(head):
+            if len(head.keys) == 1 or self._can_grant(head):
                 self._grant(head, now)
                 woken.append(head)
 
@@ -546,6 +546,7 @@ class _Request:
     hold_expired = False
     event: threading.Event | None = None
     loop: asyncio.AbstractEventLoop
+    thread: int  # the thread running ``loop`` (waiters only)
     future: asyncio.Future[None]
     t_request: float
     lock: KeyedLock
@@ -595,16 +596,15 @@ class _Request:
         if self.event is not None:
             self.event.set()
             return
-        loop = self.loop
         fut = self.future
-        if _get_running_loop() is loop:
-            if not fut.done():
-                fut.set_result(None)
-        else:
-            try:
-                loop.call_soon_threadsafe(_set_result, fut)
-            except RuntimeError:  # its loop is closed: nobody will ever resume this waiter
-                self.lock._abandon(self)
+        try:
+            if self.thread == _get_ident():  # the waiter's loop runs on this thread: no cross-thread call
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                self.loop.call_soon_threadsafe(_set_result, fut)
+        except RuntimeError:  # its loop is closed: nobody will ever resume this waiter
+            self.lock._abandon(self)
 
     # ------------------------------------------------------------ acquiring (both flavours)
 
@@ -723,6 +723,7 @@ class _Request:
                 done = self._enter_locked(lock._clock(), events)
                 if not done:
                     self.loop = loop
+                    self.thread = _get_ident()
                     self.future = loop.create_future()
         finally:
             if events:  # observers run outside the guard
@@ -812,13 +813,16 @@ class _Request:
                     return _READY
             finally:
                 guard.release()
+        if self.hold_handle is None:
+            self._release()
+            return _READY
         return self._aexit(exc_type, exc)
 
     async def _aexit(self, exc_type: type[BaseException] | None, exc: BaseException | None) -> None:
+        """Release a holder that had a ``max_hold`` timer, turning its expiry into ``LockTimeout``."""
         lock = self.lock
-        handle = self.hold_handle
-        if handle is not None:
-            handle.cancel()
+        assert self.hold_handle is not None
+        self.hold_handle.cancel()
         self._release()
         if self.hold_expired:
             owner = self.owner
@@ -889,6 +893,7 @@ class _Ready:
 _READY: Awaitable[None] = _Ready()
 _new_request = object.__new__
 _get_running_loop = asyncio._get_running_loop
+_get_ident = threading.get_ident
 _current_task = asyncio.current_task
 
 

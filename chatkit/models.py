@@ -131,8 +131,8 @@ def _check_latency(value: Any) -> Any:
     return float(value)
 
 
-def _seconds(value: object) -> float:
-    if value is None:
+def _seconds(value: object, *, awaited: bool = False) -> float:
+    if value is None or (awaited and isinstance(value, bool)):  # e.g. the True of asyncio.Event.wait()
         return 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
         raise ValueError(f"the latency callable must return seconds >= 0 or None, got {value!r}")
@@ -149,8 +149,8 @@ class ExtractiveChatModel(BaseChatModel):
       so a reply shows whether the model saw the earlier turns: ``Message 2: you said "hi". ...``
 
     ``latency`` is seconds to wait before answering, or a callable taking the user's message text and
-    returning seconds (or ``None``), or an awaitable of them: tests return an ``asyncio.Event().wait()``
-    to decide exactly when each reply may finish. The async API waits with ``asyncio.sleep`` (other tasks
+    returning seconds (or ``None``), or an awaitable of them (``None`` or a bool count as 0): tests return
+    an ``asyncio.Event().wait()`` to decide exactly when each reply may finish. The async API waits with ``asyncio.sleep`` (other tasks
     keep running); the sync API with ``time.sleep`` and refuses awaitables.
 
     The usual chat model parameters (``temperature``, ``timeout``, ``max_retries``, ``api_key``) are
@@ -260,9 +260,10 @@ class ExtractiveChatModel(BaseChatModel):
 
     async def _latency_async(self, messages: Sequence[BaseMessage]) -> None:
         value = self.latency(_last_user_text(messages)) if callable(self.latency) else self.latency
-        if inspect.isawaitable(value):
+        awaited = inspect.isawaitable(value)
+        if awaited:
             value = await value
-        seconds = _seconds(value)
+        seconds = _seconds(value, awaited=awaited)
         if seconds > 0:
             await asyncio.sleep(seconds)
 

@@ -57,17 +57,17 @@ class NaiveVectorStore:
     Example:
         >>> import asyncio
         >>> from chatkit import NaiveVectorStore, HashEmbeddings
-        >>> store = NaiveVectorStore(HashEmbeddings(dim=64), chunk_size=20, chunk_overlap=0)
+        >>> store = NaiveVectorStore(HashEmbeddings(dim=64), chunk_size=6, chunk_overlap=0)
         >>> seen = []
         >>> async def reader():
-        ...     for _ in range(3):
-        ...         seen.append(len(store.similarity_search("part", k=10)))
+        ...     for _ in range(4):
+        ...         seen.append(len(store.similarity_search("one", k=10)))
         ...         await asyncio.sleep(0)
         >>> async def main():
-        ...     await asyncio.gather(store.add_document("a", "part one.\\n\\npart two.\\n\\npart three."), reader())
+        ...     await asyncio.gather(reader(), store.add_document("a", "one.\\n\\ntwo.\\n\\nthree."))
         >>> asyncio.run(main())
         >>> seen  # the reader saw the document grow one chunk at a time
-        [0, 1, 2]
+        [0, 1, 2, 3]
     """
 
     def __init__(
@@ -121,6 +121,9 @@ class NaiveVectorStore:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def __bool__(self) -> bool:
+        return True
 
     def __repr__(self) -> str:
         return f"<NaiveVectorStore version={self._version} rows={len(self._rows)} sources={len(self.sources())}>"

@@ -7,21 +7,22 @@ How a turn works (``locking=True``):
    cancel the session's turns in flight), record the turn.
 2. Take the session's :class:`~chatkit.KeyedLock` key (FIFO; :class:`~chatkit.LockTimeout` after
    ``lock_timeout``).
-3. Read the latest checkpoint of the session's thread: the history, and the checkpoint to build on.
+3. Read the latest checkpoint of the session's thread: the history.
 4. Compute the reply by running the same graph *without* a checkpointer on ``history + [user message]``,
    inside ``turn_timeout``. Nothing is written while the model runs, so a model error, a timeout or a
    cancellation leaves the history exactly as it was.
-5. Commit: one ``aupdate_state`` on the checkpoint read in step 3 writes the user message and the reply
-   together, as one new checkpoint. The write is shielded from cancellation; a caller cancelled during
-   it gets ``CancelledError`` once it has finished, and the pre-turn state is written back on top (a
-   checkpoint forked from the one read in step 3), so the history is again exactly what it was.
+5. Commit: one ``aupdate_state`` writes the user message and the reply together, as one new checkpoint
+   on top of the one read in step 3 (under the lock nobody else writes the thread). The write is
+   shielded from cancellation; a caller cancelled during it gets ``CancelledError`` once it has
+   finished, and the turn is taken out again (``RemoveMessage`` of both messages, one more checkpoint),
+   so the history is again exactly what it was.
 
 LangGraph's own ``ainvoke`` is not atomic (it checkpoints the input message before the model runs, and
 that checkpoint stays when the model fails or is cancelled), which is why a turn is computed first and
-committed once. Under the lock, the checkpoint read in step 3 is always the latest, so committing on it
-loses nothing. ``locking=False`` skips step 2 and shows the two races: turns of one session read the same
-checkpoint, each commits a branch on it, and the last commit wins (messages lost, replies computed
-without the earlier turns).
+committed once. ``locking=False`` skips step 2 and commits on the checkpoint each turn read, as a
+read-modify-write service does; it shows the two races: turns of one session read the same checkpoint,
+each commits a branch on it, and the last commit wins (messages lost, replies computed without the
+earlier turns).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, RemoveMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
@@ -83,13 +84,23 @@ class _Session:
 
 @dataclass(slots=True, eq=False)
 class _Turn:
+    """One message in flight: what it asks, who runs it, and how far it got."""
+
     session_id: str
+    text: str
     who: str
-    task: asyncio.Task[Any]
+    task: asyncio.Task[Any]  # the task to cancel to supersede it (a stream's worker once it runs)
     loop: asyncio.AbstractEventLoop
+    create_if_missing: bool
+    sink: _StreamSink | None
+    t0: float  # perf_counter at arrival
+    live: _Live | None = None
     state: str = WAITING
     superseded: str | None = None  # the policy that cancelled it
     kept_message: bool = False
+    request: Any = None  # the held lock request
+    waited: float = 0.0
+    lock_timed_out: bool = False
 
 
 @dataclass(slots=True)
@@ -135,6 +146,14 @@ def _positive_int(name: str, value: int | None, *, allow_none: bool) -> int | No
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value!r}")
     return value
+
+
+TIMESTAMP_KEY = "chatkit_timestamp"  # in a stored message's response_metadata: when it was written (epoch s)
+
+
+def _stamped(message: Any) -> Any:
+    """A shallow copy of ``message`` with the current time in its ``response_metadata``."""
+    return message.model_copy(update={"response_metadata": {**message.response_metadata, TIMESTAMP_KEY: time.time()}})
 
 
 async def _finish_uncancellable(task: asyncio.Future[Any]) -> bool:
@@ -349,9 +368,9 @@ class SessionManager:
         session_id = secrets.token_urlsafe(16)
         now = self._clock()
         with self._guard:
-            expired = self._sweep_locked(now)
             self._sessions[session_id] = _Session(created=now, last_used=now)
             self._counts["created"] += 1
+            expired = self._sweep_locked(now, keep=session_id)
         if expired:
             self._purge_in_background()
         return session_id
@@ -375,7 +394,6 @@ class SessionManager:
             raise SessionNotFound(session_id)
         snapshot = await self._graph.aget_state(self._thread(session_id))
         values = snapshot.values or {}
-        stamps: dict[str, float] = values.get("timestamps") or {}
         history: list[ChatMessage] = []
         for m in values.get("messages") or ():
             if isinstance(m, HumanMessage):
@@ -384,7 +402,7 @@ class SessionManager:
                 role = "assistant"
             else:
                 continue
-            ts = stamps.get(m.id) if m.id is not None else None
+            ts = m.response_metadata.get(TIMESTAMP_KEY)
             history.append(
                 ChatMessage(role, m.text, None if ts is None else datetime.fromtimestamp(ts, UTC))  # type: ignore[arg-type]
             )
@@ -465,7 +483,26 @@ class SessionManager:
             TimeoutError: retrieval and the model took longer than ``turn_timeout``; nothing is saved.
             Exception: whatever the model or retriever raised; nothing is saved.
         """
-        return await self._turn(session_id, message, policy, create_if_missing, caller_label(), None)
+        turn = self._admit(session_id, message, policy, create_if_missing, None)
+        error: BaseException | None = None
+        try:
+            with self._span(turn):
+                await self._acquire(turn)
+                try:
+                    return await self._run(turn)
+                finally:
+                    await self._release(turn)
+        except asyncio.CancelledError as exc:
+            error = exc
+            interrupted = self._superseded_error(turn, turn.task)
+            if interrupted is None:
+                raise
+            raise interrupted from None
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._finish(turn, error)
 
     async def stream(
         self,
@@ -477,44 +514,68 @@ class SessionManager:
     ) -> AsyncIterator[str]:
         """Like :meth:`chat`, but yield the reply in chunks as the model produces them.
 
-        The turn commits when the consumer has read the stream to its end. A consumer that stops
-        early (``break`` and close, ``aclose()``, or cancellation) cancels the turn: nothing is saved.
-        Close the iterator promptly (``contextlib.aclosing``): until then the session stays busy.
-        The turn runs in a worker task, which joins the session's queue when iteration starts.
+        The message joins its session's queue when iteration starts. The turn commits when the consumer
+        has read the stream to its end; a consumer that stops early (``break`` then ``aclose()``, or
+        cancellation) cancels the turn and nothing is saved. Close the iterator promptly
+        (``contextlib.aclosing``): until it is closed the session stays busy.
 
         Raises:
             The same exceptions as :meth:`chat`, from the iteration.
         """
-        who = caller_label()
         sink = _StreamSink()
-        worker = asyncio.get_running_loop().create_task(
-            self._turn(session_id, message, policy, create_if_missing, who, sink), name=f"{who} (stream)"
-        )
+        turn = self._admit(session_id, message, policy, create_if_missing, sink)
+        consumer = turn.task
+        worker: asyncio.Task[ChatResult] | None = None
         getter: asyncio.Future[Any] | None = None
+        error: BaseException | None = None
         try:
-            while True:
-                getter = asyncio.ensure_future(sink.queue.get())
-                await asyncio.wait((getter, worker), return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():  # the turn ended before sending everything: it failed
-                    await worker  # raises its exception
-                    return
-                item = getter.result()
-                getter = None
-                if item is _StreamSink.DONE:
-                    sink.gate.set_result(None)  # the consumer has read everything: commit
-                    await worker  # raises if the commit failed
-                    return
-                yield item
+            with self._span(turn):
+                try:
+                    await self._acquire(turn)  # in the consumer's task: its place in the queue is its arrival
+                except asyncio.CancelledError:
+                    interrupted = self._superseded_error(turn, consumer)
+                    if interrupted is None:
+                        raise
+                    raise interrupted from None
+                # The turn runs in a worker task, so that cancelling it (a newer message, turn_timeout)
+                # never lands in the consumer's own code between two chunks.
+                worker = asyncio.get_running_loop().create_task(self._run(turn), name=f"{turn.who} (stream)")
+                with self._guard:
+                    turn.task = worker
+                while True:
+                    getter = asyncio.ensure_future(sink.queue.get())
+                    await asyncio.wait((getter, worker), return_when=asyncio.FIRST_COMPLETED)
+                    if worker.done():
+                        break
+                    item = getter.result()
+                    getter = None
+                    if item is _StreamSink.DONE:
+                        sink.gate.set_result(None)  # read to the end: now the turn may commit
+                        await asyncio.wait((worker,))
+                        break
+                    yield item
+                if worker.cancelled():
+                    if turn.superseded is not None:
+                        self._mark_interrupted(turn)
+                        raise TurnInterrupted(turn.session_id, turn.superseded, kept_message=turn.kept_message)
+                    raise asyncio.CancelledError
+                worker.result()  # raises what the turn raised
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
+            cancelled_again = False
             if getter is not None:
                 getter.cancel()
-            if not worker.done():
-                # The consumer stopped early (or was cancelled): cancel the turn and wait for its cleanup.
-                worker.cancel()
-                if await _finish_uncancellable(worker):
-                    raise asyncio.CancelledError
-            if not worker.cancelled():
+            if worker is not None and not worker.done():
+                worker.cancel()  # the consumer stopped early or was cancelled: the turn is cancelled
+                cancelled_again = await _finish_uncancellable(worker)  # its cleanup runs to the end
+            await self._release(turn)
+            if worker is not None and not worker.cancelled():
                 worker.exception()  # retrieved: no "exception was never retrieved" noise
+            self._finish(turn, error)
+            if cancelled_again:
+                raise asyncio.CancelledError
 
     # ------------------------------------------------------------------ the turn
 
@@ -559,26 +620,20 @@ class SessionManager:
             waited=exc.waited,
         )
 
-    async def _turn(
-        self,
-        session_id: str,
-        message: str,
-        policy: Policy | None,
-        create_if_missing: bool,
-        who: str,
-        sink: _StreamSink | None,
-    ) -> ChatResult:
+    def _admit(
+        self, session_id: str, message: str, policy: Policy | None, create_if_missing: bool, sink: _StreamSink | None
+    ) -> _Turn:
+        """Validate and register a turn, apply its policy. Synchronous: nothing may overtake it meanwhile."""
         t0 = time.perf_counter()
         text = self._check_message(message)
         policy = self._policy if policy is None else self._check_policy(policy)  # type: ignore[assignment]
         self._check_session_id(session_id)
         task = asyncio.current_task()
-        assert task is not None
-        turn = _Turn(session_id, who, task, asyncio.get_running_loop())
-        # Admission: no await between here and joining the lock's queue (arrival order = FIFO order).
+        assert task is not None, "chat() and stream() run in an asyncio task"
+        turn = _Turn(session_id, text, caller_label(), task, asyncio.get_running_loop(), create_if_missing, sink, t0)
         now = self._clock()
         with self._guard:
-            expired = self._sweep_locked(now)
+            expired = self._sweep_locked(now, keep=session_id)
             session = self._sessions.get(session_id)
             if session is None and not create_if_missing:
                 raise SessionNotFound(session_id)
@@ -594,6 +649,7 @@ class SessionManager:
             if live is None:
                 live = self._live[session_id] = _Live()
             live.turns.append(turn)
+            turn.live = live
             if session is not None:
                 session.last_used = now
                 self._sessions.move_to_end(session_id)
@@ -601,71 +657,81 @@ class SessionManager:
             self._purge_in_background()
         for victim in victims:
             self._supersede(victim, policy)  # type: ignore[arg-type]
-        timeline = self._timeline
-        span = contextlib.nullcontext() if timeline is None else timeline.span("turn", who=who, key=session_id)
-        outcome = "failed"
+        return turn
+
+    def _span(self, turn: _Turn) -> contextlib.AbstractContextManager[None]:
+        if self._timeline is None:
+            return contextlib.nullcontext()
+        return self._timeline.span("turn", who=turn.who, key=turn.session_id)
+
+    async def _acquire(self, turn: _Turn) -> None:
+        """Wait for the session's lock (not with ``locking=False``)."""
+        if not self._locking:
+            return
+        request = self._lock(turn.session_id, timeout=self._lock_timeout, label=turn.who)
         try:
-            with span:
-                if self._locking:
-                    try:
-                        lock = self._lock(session_id, timeout=self._lock_timeout, label=who)
-                        await lock.__aenter__()
-                    except LockTimeout as exc:
-                        outcome = "lock_timeouts"
-                        raise self._lock_timeout_error(session_id, exc, "sending your message") from exc
-                    waited = time.perf_counter() - t0
-                    try:
-                        result = await self._run(turn, text, create_if_missing, sink, t0, waited)
-                    finally:
-                        await lock.__aexit__(None, None, None)
-                else:
-                    result = await self._run(turn, text, create_if_missing, sink, t0, 0.0)
+            await request.__aenter__()
+        except LockTimeout as exc:
+            turn.lock_timed_out = True
+            raise self._lock_timeout_error(turn.session_id, exc, "sending your message") from exc
+        turn.request = request
+        turn.waited = time.perf_counter() - turn.t0
+
+    async def _release(self, turn: _Turn) -> None:
+        request, turn.request = turn.request, None
+        if request is not None:
+            await request.__aexit__(None, None, None)
+
+    def _mark_interrupted(self, turn: _Turn) -> None:
+        if self._timeline is not None:
+            self._timeline.mark("interrupted", who=turn.who, key=turn.session_id, detail=f"policy {turn.superseded}")
+
+    def _superseded_error(self, turn: _Turn, task: asyncio.Task[Any]) -> TurnInterrupted | None:
+        """For a CancelledError in ``task``: the TurnInterrupted to raise instead, if a newer message caused it
+        and nothing else cancelled the task too."""
+        if turn.superseded is None:
+            return None
+        self._mark_interrupted(turn)
+        if task.uncancel() > 0:
+            return None
+        return TurnInterrupted(turn.session_id, turn.superseded, kept_message=turn.kept_message)
+
+    def _finish(self, turn: _Turn, error: BaseException | None) -> None:
+        """Bookkeeping when a turn ends, however it ends."""
+        if error is None:
             outcome = "completed"
-            return result
-        except asyncio.CancelledError:
-            if turn.superseded is None:
-                outcome = "cancelled"
-                raise
+        elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            outcome = "interrupted" if turn.superseded is not None else "cancelled"
+        elif isinstance(error, TurnInterrupted):
             outcome = "interrupted"
-            if timeline is not None:
-                timeline.mark("interrupted", who=who, key=session_id, detail=f"policy {turn.superseded}")
-            if task.uncancel() > 0:  # cancelled for another reason as well: that one wins
-                raise
-            raise TurnInterrupted(session_id, turn.superseded, kept_message=turn.kept_message) from None
-        except TimeoutError:
-            if outcome != "lock_timeouts":
-                outcome = "timed_out"
-            raise
-        finally:
-            with self._guard:
-                turn.state = DONE
+        elif isinstance(error, TimeoutError):
+            outcome = "lock_timeouts" if turn.lock_timed_out else "timed_out"
+        else:
+            outcome = "failed"
+        session_id = turn.session_id
+        with self._guard:
+            turn.state = DONE
+            live = turn.live
+            if live is not None:
                 live.turns.remove(turn)
                 self._forget_if_idle(session_id, live)
-                self._counts[outcome] += 1
-                session = self._sessions.get(session_id)
-                if session is not None:
-                    session.last_used = self._clock()
-                    self._sessions.move_to_end(session_id)
-                    if outcome == "completed":
-                        session.turns += 1
+            self._counts[outcome] += 1
+            session = self._sessions.get(session_id)
+            if session is not None:
+                session.last_used = self._clock()
+                self._sessions.move_to_end(session_id)
+                if outcome == "completed":
+                    session.turns += 1
 
-    async def _run(
-        self,
-        turn: _Turn,
-        text: str,
-        create_if_missing: bool,
-        sink: _StreamSink | None,
-        t0: float,
-        waited: float,
-    ) -> ChatResult:
+    async def _run(self, turn: _Turn) -> ChatResult:
         """The turn, holding the session's lock (or not, with ``locking=False``)."""
-        session_id = turn.session_id
+        session_id, text, sink = turn.session_id, turn.text, turn.sink
         with self._guard:
             turn.state = RUNNING
             exists = session_id in self._sessions
             purge = session_id in self._tombstones
         if not exists:
-            if not create_if_missing:
+            if not turn.create_if_missing:
                 raise SessionNotFound(session_id)  # deleted or expired while this turn waited
             if purge:  # the id was removed recently and its old thread is not deleted yet
                 await self._purge_locked(session_id)
@@ -675,19 +741,21 @@ class SessionManager:
                     self._sessions[session_id] = _Session(created=now, last_used=now)
                     self._counts["created"] += 1
         thread = self._thread(session_id)
-        user = HumanMessage(text, id=str(uuid.uuid4()))
-        user_time = time.time()
-        base: RunnableConfig | None = None
+        user = HumanMessage(text, id=str(uuid.uuid4()), response_metadata={TIMESTAMP_KEY: time.time()})
+        # Where the commit goes: on the checkpoint this turn reads. Under the lock nobody else writes
+        # the thread, so that is the latest one and the thread config says it (LangGraph then skips a
+        # check for a newer checkpoint). The naive service pins the checkpoint it read, as a
+        # read-modify-write service would, and the last writer wins.
+        target: RunnableConfig = thread
         try:
-            # Read the latest checkpoint: the history, and the checkpoint this turn builds on.
             snapshot = await self._graph.aget_state(thread)
-            if snapshot.config.get("configurable", {}).get("checkpoint_id") is None:
-                # A new thread: write an empty checkpoint first, so the turn has one to commit on.
-                base = await self._graph.aupdate_state(thread, {"messages": []}, as_node=GENERATE)
-                history: list[Any] = []
-            else:
-                base = snapshot.config
-                history = list(snapshot.values.get("messages") or ())
+            history: list[Any] = list(snapshot.values.get("messages") or ())
+            if not self._locking:
+                if snapshot.config.get("configurable", {}).get("checkpoint_id") is None:
+                    # a new thread: write an empty checkpoint to pin, as the naive service "saves" first
+                    target = await self._graph.aupdate_state(thread, {"messages": []}, as_node=GENERATE)
+                else:
+                    target = snapshot.config
             # Compute the reply; nothing is written meanwhile.
             deadline = asyncio.timeout(self._turn_timeout)
             try:
@@ -704,7 +772,7 @@ class SessionManager:
                 await sink.finished()
         except asyncio.CancelledError:
             if turn.superseded == "interrupt":
-                await self._keep_user_message(turn, base or thread, user, user_time)
+                await self._keep_user_message(turn, target, user)
             raise
         with self._guard:
             superseded = turn.superseded
@@ -712,19 +780,20 @@ class SessionManager:
                 turn.state = COMMITTING
         if superseded is not None:  # cancelled, but something swallowed the CancelledError
             if superseded == "interrupt":
-                await self._keep_user_message(turn, base or thread, user, user_time)
+                await self._keep_user_message(turn, target, user)
             raise asyncio.CancelledError
-        # Commit user message and reply as one checkpoint on the one read above.
-        assert base is not None
-        values = {"messages": [user, reply], "timestamps": {user.id: user_time, reply.id: time.time()}}
-        commit = asyncio.ensure_future(self._graph.aupdate_state(base, values, as_node=GENERATE))
+        # Commit: the user message and the reply, together, as one new checkpoint.
+        reply = _stamped(reply)
+        commit = asyncio.ensure_future(self._graph.aupdate_state(target, {"messages": [user, reply]}, as_node=GENERATE))
         if await _finish_uncancellable(commit):
-            # The caller went away while the turn was being written: put the pre-turn state back on top.
+            # The caller went away while the turn was being written: take it out again (one more
+            # checkpoint, whose messages are exactly the pre-turn ones).
             if not commit.cancelled() and commit.exception() is None:
-                restore = asyncio.ensure_future(self._graph.aupdate_state(base, {"messages": []}, as_node=GENERATE))
-                await _finish_uncancellable(restore)
-                if restore.cancelled() or restore.exception() is not None:
-                    logger.error("could not restore session %r after a cancelled commit", session_id)
+                removal = {"messages": [RemoveMessage(id=user.id), RemoveMessage(id=reply.id)]}  # type: ignore[arg-type]
+                undo = asyncio.ensure_future(self._graph.aupdate_state(thread, removal, as_node=GENERATE))
+                await _finish_uncancellable(undo)
+                if undo.cancelled() or undo.exception() is not None:
+                    logger.error("could not take a cancelled turn out of session %r", session_id)
             raise asyncio.CancelledError
         commit.result()
         sources = tuple(dict.fromkeys(str(d.metadata.get("source", d.id)) for d in docs))
@@ -734,8 +803,8 @@ class SessionManager:
             session_id=session_id,
             turn=n_user,
             sources=sources,
-            waited=waited,
-            elapsed=time.perf_counter() - t0,
+            waited=turn.waited,
+            elapsed=time.perf_counter() - turn.t0,
         )
 
     async def _compute(
@@ -766,13 +835,11 @@ class SessionManager:
             raise TypeError(f"the model must reply with an AIMessage, got {reply!r:.80}")
         return reply, list(out.get("context") or ())
 
-    async def _keep_user_message(self, turn: _Turn, base: RunnableConfig, user: HumanMessage, at: float) -> None:
+    async def _keep_user_message(self, turn: _Turn, target: RunnableConfig, user: HumanMessage) -> None:
         """Policy ``interrupt``: commit the superseded turn's user message alone (shielded)."""
         with self._guard:
             turn.state = CLEANUP
-        write = asyncio.ensure_future(
-            self._graph.aupdate_state(base, {"messages": [user], "timestamps": {user.id: at}}, as_node=GENERATE)
-        )
+        write = asyncio.ensure_future(self._graph.aupdate_state(target, {"messages": [user]}, as_node=GENERATE))
         await _finish_uncancellable(write)
         if not write.cancelled() and write.exception() is None:
             turn.kept_message = True
@@ -798,7 +865,8 @@ class SessionManager:
             if victim.state not in (WAITING, RUNNING) or victim.superseded is not None:
                 return
             victim.superseded = policy
-        victim.task.cancel(f"superseded by a newer message (policy {policy!r})")
+            task = victim.task
+        task.cancel(f"superseded by a newer message (policy {policy!r})")
 
     # ------------------------------------------------------------------ expiry and deletion
 
@@ -807,8 +875,11 @@ class SessionManager:
         if not live.turns and not live.others and self._live.get(session_id) is live:
             del self._live[session_id]
 
-    def _sweep_locked(self, now: float) -> list[str]:
-        """Guard held: remove expired idle sessions from the registry; their threads are deleted later."""
+    def _sweep_locked(self, now: float, keep: str | None = None) -> list[str]:
+        """Guard held: remove expired idle sessions from the registry; their threads are deleted later.
+
+        ``keep`` (the session being created or used) is never removed to make room under ``max_sessions``.
+        """
         ttl, limit = self._ttl, self._max_sessions
         if ttl is None and limit is None:
             return []
@@ -826,7 +897,7 @@ class SessionManager:
             for sid in sessions:
                 if excess == 0:
                     break
-                if sid not in gone and sid not in self._live:
+                if sid not in gone and sid not in self._live and sid != keep:
                     expired.append(sid)
                     excess -= 1
         for sid in expired:
@@ -842,24 +913,36 @@ class SessionManager:
         with self._guard:
             if session_id not in self._tombstones:
                 return
-        await self._checkpointer.adelete_thread(session_id)
+        try:
+            await self._checkpointer.adelete_thread(session_id)
+        except NotImplementedError:
+            logger.warning(
+                "%s cannot delete threads: the history of removed session %r stays in it",
+                type(self._checkpointer).__name__,
+                session_id,
+            )
         with self._guard:
             self._tombstones.discard(session_id)
 
     async def _purge_all(self) -> None:
-        """Delete the threads of every removed session, each under its session's lock."""
+        """Delete the threads of every removed session (each once per call), under its session's lock."""
         me = asyncio.current_task()
         pending = [t for t in self._background if not t.done() and t is not me]
         if pending:
             await asyncio.wait(pending)
+        tried: set[str] = set()
         while True:
             with self._guard:
-                todo = sorted(self._tombstones)
+                todo = sorted(self._tombstones - tried)
             if not todo:
                 return
             for sid in todo:
-                async with self._lock(sid, label="expiry"):
-                    await self._purge_locked(sid)
+                tried.add(sid)
+                try:
+                    async with self._lock(sid, label="expiry"):
+                        await self._purge_locked(sid)
+                except Exception:
+                    logger.exception("could not delete the checkpoints of removed session %r", sid)
 
     def _purge_in_background(self) -> None:
         try:

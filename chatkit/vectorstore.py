@@ -20,27 +20,24 @@ import asyncio
 import contextlib
 import contextvars
 import copy
-import logging
 import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, overload
 
-import numpy as np
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
-from ._compaction import plan_cap, plan_tiered
 from ._labels import caller_label
 from ._persist import load_snapshot, save_snapshot
 from ._progress import embed_in_batches
 from ._records import CompactionResult, DocumentRecord, StoreStatistics
-from ._segments import Segment, build_index, is_live, kill_rows, live_rows_mask, merge_segments
+from ._publisher import Batch, Compaction, Publisher
+from ._segments import build_index
 from ._snapshot import StoreSnapshot, relevance
 from ._validate import as_matrix, check_content, check_metadata, check_positive_int, check_source
 from .lock import KeyedLock
@@ -51,30 +48,6 @@ if TYPE_CHECKING:
     from .timeline import Timeline
 
 __all__ = ["CowVectorStore", "StoreSnapshot", "DocumentRecord", "StoreStatistics", "CompactionResult"]
-
-logger = logging.getLogger(__name__)
-
-Compaction = Literal["background", "inline", "off"]
-
-
-@dataclass(slots=True)
-class _Batch:
-    """Rows ready to publish: validated, split, embedded (vectors normalised)."""
-
-    ids: list[str] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    metadatas: list[dict[str, Any]] = field(default_factory=list)
-    sources: list[str | None] = field(default_factory=list)
-    chunks: list[int | None] = field(default_factory=list)
-    vectors: np.ndarray | None = None
-    index: Any = None  # the faiss index for ``vectors``, built outside the guard
-
-
-@dataclass(slots=True)
-class _Published:
-    version: int
-    replaced: Counter[str]
-    merge: tuple[Segment, ...] | None  # segments this writer must merge (hard cap), already marked busy
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:
@@ -92,7 +65,8 @@ class CowVectorStore(VectorStore):
         chunk_size, chunk_overlap: how ``add_document`` splits text (characters, with
             ``RecursiveCharacterTextSplitter``).
         progress: show a tqdm bar (notebook-aware) while embedding many chunks (128 or more).
-        embed_batch_size: chunks per call to the embedding model.
+        embed_batch_size: chunks per call to the embedding model (the bar advances per call; the model
+            sorts each call's texts by length, so large calls pad least).
         compaction: ``"background"`` (merge segments in a background thread), ``"inline"`` (the writer
             merges before returning: deterministic, for tests) or ``"off"`` (only :meth:`compact`).
         merge_factor: the tiered policy merges this many segments of one size tier into one.
@@ -124,7 +98,7 @@ class CowVectorStore(VectorStore):
         chunk_size: int = 500,
         chunk_overlap: int = 50,
         progress: bool = True,
-        embed_batch_size: int = 64,
+        embed_batch_size: int = 256,
         compaction: Compaction = "background",
         merge_factor: int = 4,
         max_segments: int = 32,
@@ -138,25 +112,26 @@ class CowVectorStore(VectorStore):
             raise ValueError(f"chunk_overlap ({chunk_overlap}) must be smaller than chunk_size ({chunk_size})")
         if compaction not in ("background", "inline", "off"):
             raise ValueError(f"compaction must be 'background', 'inline' or 'off', got {compaction!r}")
-        self._merge_factor = check_positive_int("merge_factor", merge_factor, minimum=2)
-        self._max_segments = check_positive_int("max_segments", max_segments, minimum=2)
+        merge_factor = check_positive_int("merge_factor", merge_factor, minimum=2)
+        max_segments = check_positive_int("max_segments", max_segments, minimum=2)
         self._embed_batch_size = check_positive_int("embed_batch_size", embed_batch_size)
         self._chunk_size, self._chunk_overlap = chunk_size, chunk_overlap
         self._progress = bool(progress)
-        self._compaction: Compaction = compaction
         self._timeline = timeline
         self._embeddings = embeddings
         self._embeddings_guard = threading.Lock()
         self._splitter: TextSplitter | None = None
         # per-source write order; timeline observers see its wait/hold spans
         self._lock = KeyedLock(observer=None if timeline is None else timeline.observe_lock)
-        # _guard: held only by writers, briefly, to turn the current snapshot into the next one
-        self._guard = threading.Lock()
-        self._changed = threading.Condition(self._guard)  # notified when merges finish
-        self._busy: set[Segment] = set()  # segments some merge is working on
-        self._compactor: threading.Thread | None = None
+        # owns the current snapshot; publishes and merges swap it (see chatkit/_publisher.py)
+        self._pub = Publisher(
+            embedder=self._embedder,
+            compaction=compaction,
+            merge_factor=merge_factor,
+            max_segments=max_segments,
+            timeline=timeline,
+        )
         self._save_guard = threading.Lock()
-        self._state = StoreSnapshot(version=0, dim=None, segments=(), lives=(), embedder=self._embedder, timeline=timeline)
 
     # ------------------------------------------------------------------ basics
 
@@ -179,30 +154,34 @@ class CowVectorStore(VectorStore):
     @property
     def version(self) -> int:
         """The current version: 0 when new, +1 per published change (compaction does not count)."""
-        return self._state.version
+        return self._pub.state.version
 
     def snapshot(self) -> StoreSnapshot:
         """The current version, pinned: it never changes, whatever is published later."""
-        return self._state
+        return self._pub.state
 
     def sources(self) -> list[str]:
         """The sources (added with :meth:`add_document`) that are in the store now, sorted."""
-        return self._state.sources()
+        return self._pub.state.sources()
 
     def statistics(self) -> StoreStatistics:
         """Counts describing the current version."""
-        return self._state.statistics()
+        return self._pub.state.statistics()
 
     def __len__(self) -> int:
         """The number of live chunks and documents."""
-        return len(self._state)
+        return len(self._pub.state)
+
+    def __bool__(self) -> bool:
+        """Always true, even when empty (so ``store or default`` never drops an empty store)."""
+        return True
 
     def __repr__(self) -> str:
-        s = self._state
+        s = self._pub.state
         emb = type(self._embeddings).__name__ if self._embeddings is not None else "default (not loaded)"
         return (
             f"<CowVectorStore version={s.version} rows={len(s)} segments={len(s.segments)}"
-            f" dead={sum(s._dead)} dim={s.dim} embeddings={emb} compaction={self._compaction!r}>"
+            f" dead={sum(s._dead)} dim={s.dim} embeddings={emb} compaction={self._pub.compaction!r}>"
         )
 
     @contextlib.contextmanager
@@ -222,7 +201,7 @@ class CowVectorStore(VectorStore):
             self._splitter = RecursiveCharacterTextSplitter(chunk_size=self._chunk_size, chunk_overlap=self._chunk_overlap)
         return [c for c in self._splitter.split_text(content) if c.strip()]
 
-    def _embed(self, batch: _Batch, who: str | None, key: Any) -> _Batch:
+    def _embed(self, batch: Batch, who: str | None, key: Any) -> Batch:
         """Embed ``batch.texts`` (in the calling thread) and build their faiss index."""
         with self._span("embed", who, key):
             emb = self._embedder()
@@ -233,12 +212,12 @@ class CowVectorStore(VectorStore):
                 progress=self._progress,
                 desc=f"embedding {key}" if isinstance(key, str) else "embedding",
             )
-            batch.vectors = as_matrix(raw, len(batch.texts), self._state.dim, type(emb).__name__)
+            batch.vectors = as_matrix(raw, len(batch.texts), self._pub.state.dim, type(emb).__name__)
             batch.index = build_index(batch.vectors) if len(batch.texts) else None
         return batch
 
-    def _prepare_sources(self, items: Sequence[tuple[str, str, dict[str, Any]]], who: str | None) -> _Batch:
-        batch = _Batch()
+    def _prepare_sources(self, items: Sequence[tuple[str, str, dict[str, Any]]], who: str | None) -> Batch:
+        batch = Batch()
         for source, content, metadata in items:
             pieces = self._split(content)
             if not pieces:
@@ -254,7 +233,7 @@ class CowVectorStore(VectorStore):
 
     def _check_texts(
         self, texts: Iterable[str], metadatas: Sequence[Mapping[str, Any] | None] | None, ids: Sequence[str | None] | None
-    ) -> _Batch:
+    ) -> Batch:
         if isinstance(texts, str):
             raise TypeError("texts must be a list of str, not one str")
         text_list = list(texts)
@@ -269,7 +248,7 @@ class CowVectorStore(VectorStore):
                 raise TypeError("ids must be a list of str, not one str")
             if len(ids) != n:
                 raise ValueError(f"got {len(ids)} ids for {n} texts")
-        batch = _Batch()
+        batch = Batch()
         for i, text in enumerate(text_list):
             md = None if metadatas is None else metadatas[i]
             if md is not None and not isinstance(md, Mapping):
@@ -289,184 +268,7 @@ class CowVectorStore(VectorStore):
             raise ValueError(f"id {dup!r} appears twice in one call")
         return batch
 
-    # ------------------------------------------------------------------ publishing (under the guard)
-
-    def _new_state(self, version: int, dim: int | None, segments: list[Segment], lives: list[np.ndarray | None]) -> StoreSnapshot:
-        return StoreSnapshot(
-            version=version, dim=dim, segments=segments, lives=lives, embedder=self._embedder, timeline=self._timeline
-        )
-
-    def _publish(
-        self,
-        batch: _Batch | None,
-        *,
-        kill_sources: Sequence[str] = (),
-        kill_ids: Sequence[str] = (),
-        clear: bool = False,
-    ) -> _Published | None:
-        """Swap in the next snapshot: ``batch``'s rows appear and the rows of ``kill_sources`` /
-        ``kill_ids`` (or all rows, ``clear``) disappear, in one step. ``None`` when nothing changed."""
-        with self._guard:
-            cur = self._state
-            dim = cur.dim
-            adding = batch is not None and len(batch.ids) > 0
-            if adding:
-                assert batch is not None and batch.vectors is not None
-                if dim is not None and batch.vectors.shape[1] != dim:
-                    raise ValueError(
-                        f"the embeddings returned {batch.vectors.shape[1]}-d vectors but the store holds {dim}-d vectors"
-                    )
-                dim = int(batch.vectors.shape[1])
-            replaced: Counter[str] = Counter()
-            segments: list[Segment] = []
-            lives: list[np.ndarray | None] = []
-            changed = False
-            for seg, live in zip(cur.segments, cur.lives):
-                if clear:
-                    changed = True
-                    continue
-                doomed: list[np.ndarray] = []
-                for source in kill_sources:
-                    rows = seg.source_rows.get(source)
-                    if rows is not None:
-                        rows = rows[is_live(live, rows)]
-                        if rows.size:
-                            doomed.append(rows)
-                            replaced[source] += int(rows.size)
-                for doc_id in kill_ids:
-                    row = seg.id_to_row.get(doc_id)
-                    if row is not None:
-                        rows = np.array([row], dtype=np.int64)
-                        if is_live(live, rows)[0]:
-                            doomed.append(rows)
-                if doomed:
-                    changed = True
-                    live = kill_rows(live, seg.n, np.unique(np.concatenate(doomed)))
-                    if not live.any():
-                        continue  # every row dead: drop the whole segment now
-                segments.append(seg)
-                lives.append(live)
-            if adding:
-                assert batch is not None
-                version_rows = [cur.version + 1] * len(batch.ids)
-                segments.append(
-                    Segment(
-                        index=batch.index,
-                        ids=batch.ids,
-                        texts=batch.texts,
-                        metadatas=batch.metadatas,
-                        sources=batch.sources,
-                        chunks=batch.chunks,
-                        versions=version_rows,
-                    )
-                )
-                lives.append(None)
-            elif not changed:
-                return None
-            self._state = self._new_state(cur.version + 1, dim, segments, lives)
-            merge = self._schedule_locked()
-            return _Published(version=cur.version + 1, replaced=replaced, merge=merge)
-
     # ------------------------------------------------------------------ compaction
-
-    def _sizes_locked(self) -> tuple[list[int], list[int], list[bool]]:
-        s = self._state
-        return [seg.n for seg in s.segments], list(s._dead), [seg in self._busy for seg in s.segments]
-
-    def _schedule_locked(self) -> tuple[Segment, ...] | None:
-        """After a publish: start the background compactor if due; return segments the writer must merge."""
-        if self._compaction == "off":
-            return None
-        sizes, dead, busy = self._sizes_locked()
-        cap = plan_cap(sizes, dead, busy, max_segments=self._max_segments)
-        if cap is not None:
-            segs = tuple(self._state.segments[i] for i in cap)
-            self._busy.update(segs)
-            return segs
-        if self._compaction == "background" and self._compactor is None:
-            if plan_tiered(sizes, dead, busy, factor=self._merge_factor) is not None:
-                self._compactor = threading.Thread(target=self._compact_loop, name="chatkit-compactor", daemon=True)
-                self._compactor.start()
-        return None
-
-    def _plan_locked(self) -> tuple[Segment, ...] | None:
-        sizes, dead, busy = self._sizes_locked()
-        plan = plan_tiered(sizes, dead, busy, factor=self._merge_factor)
-        if plan is None:
-            return None
-        segs = tuple(self._state.segments[i] for i in plan)
-        self._busy.update(segs)
-        return segs
-
-    def _compact_loop(self) -> None:
-        """The background compactor: merge what the tiered policy asks for until nothing is due."""
-        while True:
-            with self._guard:
-                segs = self._plan_locked()
-                if segs is None:
-                    self._compactor = None
-                    self._changed.notify_all()
-                    return
-            try:
-                self._merge(segs)
-            except Exception:  # never let a merge failure kill writers; the store stays valid
-                logger.exception("background compaction failed; the store is unchanged")
-                with self._guard:
-                    self._compactor = None
-                    self._changed.notify_all()
-                return
-
-    def _run_inline_merges(self, first: tuple[Segment, ...] | None) -> None:
-        """Merge ``first`` (already marked busy), then, in ``"inline"`` mode, whatever else is due."""
-        segs = first
-        while True:
-            if segs is not None:
-                self._merge(segs)
-            if self._compaction != "inline":
-                return
-            with self._guard:
-                segs = self._plan_locked()
-            if segs is None:
-                return
-
-    def _merge(self, segs: tuple[Segment, ...]) -> CompactionResult:
-        """Merge ``segs`` (marked busy by the caller) into one segment and swap it in; unmark them."""
-        try:
-            with self._span("compact", None, None):
-                base = self._state
-                where = {id(s): i for i, s in enumerate(base.segments)}
-                base_lives = [base.lives[where[id(s)]] for s in segs]
-                merged, remaps = merge_segments(segs, base_lives)  # the slow part, outside the guard
-                with self._guard:
-                    cur = self._state
-                    now = {id(s): i for i, s in enumerate(cur.segments)}
-                    merged_live: np.ndarray | None = None
-                    if merged is not None:
-                        # rows tombstoned while we were merging stay dead in the merged segment
-                        for seg, old_live, remap in zip(segs, base_lives, remaps):
-                            new_live = cur.lives[now[id(seg)]]
-                            if new_live is old_live:
-                                continue
-                            gone = live_rows_mask(old_live, seg.n) & ~live_rows_mask(new_live, seg.n)
-                            rows = remap[gone]
-                            if rows.size:
-                                merged_live = kill_rows(merged_live, merged.n, rows)
-                    dropped = sum(s.n for s in segs) - (merged.n if merged is not None else 0)
-                    first = min(now[id(s)] for s in segs)
-                    segments, lives = [], []
-                    for i, (seg, live) in enumerate(zip(cur.segments, cur.lives)):
-                        if i == first and merged is not None and (merged_live is None or merged_live.any()):
-                            segments.append(merged)
-                            lives.append(merged_live)
-                        if id(seg) not in {id(s) for s in segs}:
-                            segments.append(seg)
-                            lives.append(live)
-                    self._state = self._new_state(cur.version, cur.dim, segments, lives)
-                    return CompactionResult(merged_segments=len(segs), dropped_rows=dropped, segments=len(segments))
-        finally:
-            with self._guard:
-                self._busy.difference_update(segs)
-                self._changed.notify_all()
 
     def compact(self) -> CompactionResult:
         """Merge every segment into one and drop tombstoned rows; publish by swap (the version stays).
@@ -474,14 +276,7 @@ class CowVectorStore(VectorStore):
         Waits for merges already running. Readers are never blocked; writers keep publishing meanwhile
         (their new segments are not part of this merge). Prefer :meth:`acompact` on an event loop.
         """
-        with self._guard:
-            self._changed.wait_for(lambda: not self._busy)
-            s = self._state
-            if len(s.segments) == 0 or (len(s.segments) == 1 and s._dead[0] == 0):
-                return CompactionResult(merged_segments=0, dropped_rows=0, segments=len(s.segments))
-            segs = tuple(s.segments)
-            self._busy.update(segs)
-        return self._merge(segs)
+        return self._pub.compact()
 
     async def acompact(self) -> CompactionResult:
         """:meth:`compact` in a worker thread."""
@@ -489,8 +284,7 @@ class CowVectorStore(VectorStore):
 
     def wait_for_compaction(self, timeout: float | None = None) -> bool:
         """Block until no merge is running or due in the background; ``False`` if ``timeout`` expired."""
-        with self._guard:
-            return self._changed.wait_for(lambda: self._compactor is None and not self._busy, timeout)
+        return self._pub.wait_for_compaction(timeout)
 
     # ------------------------------------------------------------------ the document API (async)
 
@@ -507,13 +301,13 @@ class CowVectorStore(VectorStore):
             async with self._lock(*sources):  # joins the queue now: same-source writes publish in call order
                 batch = await embedded
                 with self._span("publish", who, key):
-                    published = self._publish(batch, kill_sources=sources)
+                    published = self._pub.publish(batch, kill_sources=sources)
         finally:
             if not embedded.done():
                 embedded.cancel()
         assert published is not None  # a batch with rows always publishes
-        if published.merge is not None or self._compaction == "inline":
-            await asyncio.to_thread(self._run_inline_merges, published.merge)
+        if published.merge is not None or self._pub.compaction == "inline":
+            await asyncio.to_thread(self._pub.run_merges, published.merge)
         out: list[DocumentRecord] = []
         for source in sources:
             mine = tuple(i for i, s in zip(batch.ids, batch.sources) if s == source)
@@ -602,7 +396,7 @@ class CowVectorStore(VectorStore):
         who = caller_label()
         async with self._lock(source):
             with self._span("publish", who, source):
-                published = self._publish(None, kill_sources=[source])
+                published = self._pub.publish(None, kill_sources=[source])
         return published is not None
 
     # ------------------------------------------------------------------ LangChain writes (ids, no splitting)
@@ -630,9 +424,9 @@ class CowVectorStore(VectorStore):
         who = caller_label()
         self._embed(batch, who, None)
         with self._span("publish", who, None):
-            published = self._publish(batch, kill_ids=batch.ids)
-        if published is not None and (published.merge is not None or self._compaction == "inline"):
-            self._run_inline_merges(published.merge)
+            published = self._pub.publish(batch, kill_ids=batch.ids)
+        if published is not None and (published.merge is not None or self._pub.compaction == "inline"):
+            self._pub.run_merges(published.merge)
         return list(batch.ids)
 
     async def aadd_texts(
@@ -650,9 +444,9 @@ class CowVectorStore(VectorStore):
         who = caller_label()
         await asyncio.to_thread(self._embed, batch, who, None)
         with self._span("publish", who, None):
-            published = self._publish(batch, kill_ids=batch.ids)
-        if published is not None and (published.merge is not None or self._compaction == "inline"):
-            await asyncio.to_thread(self._run_inline_merges, published.merge)
+            published = self._pub.publish(batch, kill_ids=batch.ids)
+        if published is not None and (published.merge is not None or self._pub.compaction == "inline"):
+            await asyncio.to_thread(self._pub.run_merges, published.merge)
         return list(batch.ids)
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
@@ -671,7 +465,7 @@ class CowVectorStore(VectorStore):
             if not ids:
                 return True
         with self._span("publish", None, None):
-            self._publish(None, kill_ids=ids or (), clear=ids is None)
+            self._pub.publish(None, kill_ids=ids or (), clear=ids is None)
         return True
 
     async def adelete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
@@ -682,11 +476,11 @@ class CowVectorStore(VectorStore):
 
     def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
         """The live documents with these ids (missing ids are skipped)."""
-        return self._state.get_by_ids(ids)
+        return self._pub.state.get_by_ids(ids)
 
     async def aget_by_ids(self, ids: Sequence[str], /) -> list[Document]:
         """:meth:`get_by_ids` (no I/O: runs inline)."""
-        return self._state.get_by_ids(ids)
+        return self._pub.state.get_by_ids(ids)
 
     def similarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:
         """The ``k`` documents closest to ``query`` (see :meth:`StoreSnapshot.similarity_search`).
@@ -694,11 +488,11 @@ class CowVectorStore(VectorStore):
         Raises:
             TypeError / ValueError: ``k < 1``, a non-str query, a bad filter.
         """
-        return self._state.similarity_search(query, k, **kwargs)
+        return self._pub.state.similarity_search(query, k, **kwargs)
 
     def similarity_search_with_score(self, query: str, k: int = 4, **kwargs: Any) -> list[tuple[Document, float]]:
         """Documents with their cosine similarity to ``query`` (higher is closer)."""
-        return self._state.similarity_search_with_score(query, k, **kwargs)
+        return self._pub.state.similarity_search_with_score(query, k, **kwargs)
 
     def _select_relevance_score_fn(self) -> Callable[[float], float]:
         return relevance
@@ -709,49 +503,49 @@ class CowVectorStore(VectorStore):
         Raises:
             ValueError: the vector's dimension differs from the store's, or holds NaN.
         """
-        return self._state.similarity_search_by_vector(embedding, k, **kwargs)
+        return self._pub.state.similarity_search_by_vector(embedding, k, **kwargs)
 
     def similarity_search_with_score_by_vector(
         self, embedding: list[float], k: int = 4, **kwargs: Any
     ) -> list[tuple[Document, float]]:
         """Documents with their cosine similarity to a vector."""
-        return self._state.similarity_search_with_score_by_vector(embedding, k, **kwargs)
+        return self._pub.state.similarity_search_with_score_by_vector(embedding, k, **kwargs)
 
     def max_marginal_relevance_search(
         self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5, **kwargs: Any
     ) -> list[Document]:
         """``k`` documents chosen among the ``fetch_k`` closest for relevance and diversity (MMR)."""
-        return self._state.max_marginal_relevance_search(query, k, fetch_k, lambda_mult, **kwargs)
+        return self._pub.state.max_marginal_relevance_search(query, k, fetch_k, lambda_mult, **kwargs)
 
     def max_marginal_relevance_search_by_vector(
         self, embedding: list[float], k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5, **kwargs: Any
     ) -> list[Document]:
         """MMR search from a vector."""
-        return self._state.max_marginal_relevance_search_by_vector(embedding, k, fetch_k, lambda_mult, **kwargs)
+        return self._pub.state.max_marginal_relevance_search_by_vector(embedding, k, fetch_k, lambda_mult, **kwargs)
 
     async def asimilarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:
         """:meth:`similarity_search` in a worker thread, on the snapshot current at the call."""
-        return await self._state.asimilarity_search(query, k, **kwargs)
+        return await self._pub.state.asimilarity_search(query, k, **kwargs)
 
     async def asimilarity_search_with_score(self, *args: Any, **kwargs: Any) -> list[tuple[Document, float]]:
         """:meth:`similarity_search_with_score` in a worker thread."""
-        return await self._state.asimilarity_search_with_score(*args, **kwargs)
+        return await self._pub.state.asimilarity_search_with_score(*args, **kwargs)
 
     async def asimilarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any) -> list[Document]:
         """:meth:`similarity_search_by_vector` in a worker thread."""
-        return await self._state.asimilarity_search_by_vector(embedding, k, **kwargs)
+        return await self._pub.state.asimilarity_search_by_vector(embedding, k, **kwargs)
 
     async def amax_marginal_relevance_search(
         self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5, **kwargs: Any
     ) -> list[Document]:
         """:meth:`max_marginal_relevance_search` in a worker thread."""
-        return await self._state.amax_marginal_relevance_search(query, k, fetch_k, lambda_mult, **kwargs)
+        return await self._pub.state.amax_marginal_relevance_search(query, k, fetch_k, lambda_mult, **kwargs)
 
     async def amax_marginal_relevance_search_by_vector(
         self, embedding: list[float], k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5, **kwargs: Any
     ) -> list[Document]:
         """:meth:`max_marginal_relevance_search_by_vector` in a worker thread."""
-        return await self._state.amax_marginal_relevance_search_by_vector(embedding, k, fetch_k, lambda_mult, **kwargs)
+        return await self._pub.state.amax_marginal_relevance_search_by_vector(embedding, k, fetch_k, lambda_mult, **kwargs)
 
     def _get_retriever_tags(self) -> list[str]:
         name = type(self._embeddings).__name__ if self._embeddings is not None else "HuggingFaceEmbeddings"
@@ -786,7 +580,7 @@ class CowVectorStore(VectorStore):
             OSError: the file system failed (the previous save is intact).
         """
         with self._save_guard:
-            return save_snapshot(self._state, directory)
+            return save_snapshot(self._pub.state, directory)
 
     async def asave(self, directory: str | PathLike[str]) -> Path:
         """:meth:`save` in a worker thread."""
@@ -812,5 +606,5 @@ class CowVectorStore(VectorStore):
                     f"the store saved in {directory} holds {loaded.dim}-d vectors but "
                     f"{type(store._embedder()).__name__} gives {have}-d vectors; load it with the model that built it"
                 )
-        store._state = store._new_state(loaded.version, loaded.dim, list(loaded.segments), list(loaded.lives))
+        store._pub.state = store._pub.new_state(loaded.version, loaded.dim, list(loaded.segments), list(loaded.lives))
         return store

@@ -135,3 +135,117 @@ async def test_shared_across_threads_never_overlaps() -> None:
         "this event loop: 5 acquisitions",
     )
     assert {r.who for r in result.timeline.rows()} == {"another event loop", "plain thread", "this event loop"}
+
+
+# ------------------------------------------------------------------------------ session history race
+async def test_session_race_naive_always_loses_four_messages() -> None:
+    for _ in range(REPEATS // 2):
+        result = await experiments.session_race(locking=False, latency=0.0)
+        assert result.count("lost message") == 4
+        assert len(result.observed) == 2 and result.branches == 3
+        assert not result.fixed
+
+
+async def test_session_race_locked_never_loses_or_reorders() -> None:
+    for _ in range(REPEATS // 2):
+        result = await experiments.session_race(locking=True, latency=0.0)
+        assert result.ok and result.observed == result.expected and result.branches == 1
+        assert [r.split(":")[0] for r in result.replies] == ["Message 1", "Message 2", "Message 3"]
+
+
+@pytest.mark.parametrize("locking", [pytest.param(False, marks=NAIVE), True])
+async def test_session_race_history_is_the_plans_scenario(locking: bool) -> None:
+    result = await experiments.session_race(locking=locking, latency=0.0)
+    q1, q2, q3 = experiments.QUESTIONS
+    assert result.observed == (q1, f"answer to: {q1}", q2, f"answer to: {q2}", q3, f"answer to: {q3}")
+
+
+async def test_session_race_timeline_records_the_manager_and_the_lock() -> None:
+    fixed = await experiments.session_race(locking=True, latency=0.0)
+    phases = {(r.who, r.phase) for r in fixed.timeline.rows()}
+    for who in ("request 1", "request 2", "request 3"):
+        assert {(who, "turn"), (who, "model"), (who, "wait"), (who, "hold")} <= phases
+    naive = await experiments.session_race(locking=False, latency=0.0)
+    assert sum(r.phase == "lost message" for r in naive.timeline.rows()) == 2
+
+
+async def test_compare_session_race_summaries_are_deterministic() -> None:
+    comparison = await experiments.compare_session_race(latency=0.0)
+    assert comparison.summary() == (
+        "before: SessionManager(locking=False): 3 concurrent messages, 2 of 6 history entries kept, 4 lost\n"
+        "after:  SessionManager(locking=True): 3 concurrent messages, 6 of 6 history entries kept, "
+        "nothing lost or reordered"
+    )
+
+
+# ------------------------------------------------------------------------------------ double texting
+EXPECTED_OUTCOMES = {
+    "enqueue": ("replied", "replied"),
+    "reject": ("replied", "SessionBusy"),
+    "interrupt": ("TurnInterrupted", "replied"),
+    "rollback": ("TurnInterrupted", "replied"),
+}
+
+
+@pytest.mark.parametrize("policy", list(EXPECTED_OUTCOMES))
+async def test_each_policy_keeps_its_promise_every_time(policy: str) -> None:
+    for _ in range(5):
+        result = await experiments.double_texting(policy, latency=0.0)
+        assert result.outcomes == EXPECTED_OUTCOMES[policy]
+        assert result.ok, result.summary()
+
+
+async def test_double_texting_without_a_lock_always_loses_a_reply() -> None:
+    for _ in range(5):
+        result = await experiments.double_texting("no lock", latency=0.0)
+        assert result.outcomes == ("replied", "replied")
+        assert not result.ok and len(result.history) == 2
+        assert any(r.phase == "lost reply" for r in result.timeline.rows())
+
+
+async def test_compare_double_texting_covers_every_policy() -> None:
+    comparison = await experiments.compare_double_texting(latency=0.0)
+    assert [r.policy for r in comparison.results] == ["no lock", "enqueue", "reject", "interrupt", "rollback"]
+    assert len(comparison.plot().axes) == 5
+    assert "ANOMALY" in comparison.summary().split("enqueue")[0]
+
+
+def test_double_texting_rejects_an_unknown_policy() -> None:
+    with pytest.raises(ValueError, match="'shout'"):
+        asyncio.run(experiments.double_texting("shout"))
+
+
+# ------------------------------------------------------------------------------ vector-store race
+async def test_naive_store_always_shows_partial_documents() -> None:
+    for _ in range(REPEATS // 2):
+        result = await experiments.store_race(cow=False)
+        assert result.count("partial document") == 11
+        assert result.observed[0] == "v1: 5" and "missing" in result.observed
+        assert result.versions_seen == (1, 2)
+
+
+async def test_cow_store_never_shows_a_partial_document() -> None:
+    for _ in range(REPEATS // 2):
+        result = await experiments.store_race(cow=True)
+        assert result.ok, result.observed
+        assert result.searches >= 1 and set(result.observed) <= {"v1: 6", "v2: 6"}
+        assert result.observed[-1] == "v2: 6"
+
+
+@pytest.mark.parametrize("cow", [pytest.param(False, marks=NAIVE), True])
+async def test_every_search_sees_one_complete_version(cow: bool) -> None:
+    result = await experiments.store_race(cow=cow)
+    assert result.count("partial document") == 0
+
+
+async def test_store_race_timeline_records_the_stores() -> None:
+    naive = await experiments.store_race(cow=False)
+    assert {"embed", "write", "search", "partial read"} <= {r.phase for r in naive.timeline.rows()}
+    cow = await experiments.store_race(cow=True)
+    assert {"embed", "publish", "search", "hold"} <= {r.phase for r in cow.timeline.rows()}
+
+
+@pytest.mark.parametrize("kwargs", [{"parts": 1}, {"max_searches": 0}])
+async def test_store_race_rejects_bad_input(kwargs: dict[str, int]) -> None:
+    with pytest.raises(ValueError):
+        await experiments.store_race(cow=True, **kwargs)

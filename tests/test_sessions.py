@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import subprocess
+import sys
+import threading
 from typing import Any
 
 import pytest
@@ -39,12 +42,12 @@ def sender(manager: SessionManager, service: str, session_id: str) -> Any:
     return lambda text: manager.chat(session_id, text)
 
 
-async def wait_until_all_admitted(manager: SessionManager, gates: Gates, service: str, n: int) -> None:
+async def wait_until_all_admitted(manager: SessionManager, gates: Gates, service: str, texts: list[str]) -> None:
     """Serialized services: the first turn is in the model and the others queue; naive ones: all in the model."""
     if service == "SessionManager":
-        await until(lambda: len(gates.started) == 1 and manager.statistics().waiting == n - 1)
+        await until(lambda: gates.started[-1:] == [texts[0]] and manager.statistics().waiting == len(texts) - 1)
     else:
-        await until(lambda: len(gates.started) == n)
+        await until(lambda: set(texts) <= set(gates.started))
 
 
 # ---------------------------------------------------------------- the classic scenario and the two races
@@ -64,7 +67,7 @@ async def test_three_concurrent_messages_are_answered_in_order(service: str) -> 
     questions = ["What is chatkit?", "Does it lose messages?", "Thanks!"]
     send = sender(manager, service, sid)
     tasks = [asyncio.create_task(send(q)) for q in questions]
-    await wait_until_all_admitted(manager, gates, service, 3)
+    await wait_until_all_admitted(manager, gates, service, questions)
     gates.release(*reversed(questions))  # the first question is the slowest
     await asyncio.gather(*tasks)
     assert pairs(await manager.get_history(sid)) == conversation(*questions)
@@ -80,7 +83,7 @@ async def test_checkpoints_of_a_session_form_one_line(service: str) -> None:
     await manager.chat(sid, "warm-up")
     send = sender(manager, service, sid)
     tasks = [asyncio.create_task(send(q)) for q in ("a", "b", "c")]
-    await wait_until_all_admitted(manager, gates, service, 3)
+    await wait_until_all_admitted(manager, gates, service, ["a", "b", "c"])
     gates.release("c", "b", "a")
     await asyncio.gather(*tasks)
     parents = [
@@ -175,6 +178,7 @@ async def test_reject_raises_session_busy_at_once_and_keeps_history() -> None:
     gates.release("first", "queued")
     await asyncio.gather(first, queued)
     assert pairs(await manager.get_history(sid)) == conversation("first", "queued")
+    gates.release("idle now")
     assert (await manager.chat(sid, "idle now")).turn == 3  # an idle session accepts
     assert manager.statistics().rejected == 2
 
@@ -667,3 +671,92 @@ def test_public_names_are_exported_lazily() -> None:
     assert chatkit.ChatResult is ChatResult
     assert chatkit.ExtractiveChatModel is ExtractiveChatModel
     assert issubclass(chatkit.SessionNotFound, LookupError)
+
+
+# ---------------------------------------------------------------- several event loops (a notebook and a web server)
+
+
+def run_in_thread(coro_fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``asyncio.run(coro_fn())`` in a new thread; the outcome lands in the returned dict."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = asyncio.run(coro_fn())
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, box
+
+
+class CrossLoopGate:
+    """A model latency that waits, on its own loop, until another thread opens it."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    def __call__(self, text: str) -> Any:
+        if not text.startswith("A"):
+            return None
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        self.entered.set()
+        return self._event.wait()
+
+    def open(self) -> None:
+        assert self._loop is not None and self._event is not None
+        self._loop.call_soon_threadsafe(self._event.set)
+
+
+@pytest.mark.parametrize("policy", ["enqueue", "interrupt"])
+def test_turns_from_two_event_loops_in_two_threads(policy: str) -> None:
+    gate = CrossLoopGate()
+    manager = SessionManager(model=ExtractiveChatModel(latency=gate))
+    sid = manager.create_session()
+    b_queued = threading.Event()
+    manager.lock.add_observer(lambda e: b_queued.set() if e.kind == "requested" and e.label == "B" else None)
+
+    async def turn_a() -> ChatResult:
+        asyncio.current_task().set_name("A")  # type: ignore[union-attr]
+        return await manager.chat(sid, "A from the notebook")
+
+    async def turn_b() -> ChatResult:
+        asyncio.current_task().set_name("B")  # type: ignore[union-attr]
+        return await manager.chat(sid, "B from the web server", policy=policy)  # type: ignore[arg-type]
+
+    thread_a, box_a = run_in_thread(turn_a)
+    assert gate.entered.wait(30)
+    thread_b, box_b = run_in_thread(turn_b)
+    assert b_queued.wait(30)
+    if policy == "enqueue":
+        gate.open()
+    thread_a.join(30)
+    thread_b.join(30)
+    assert not thread_a.is_alive() and not thread_b.is_alive()
+    history = asyncio.run(manager.get_history(sid))
+    if policy == "enqueue":
+        assert box_a["result"].turn == 1 and box_b["result"].turn == 2
+        assert pairs(history) == conversation("A from the notebook", "B from the web server")
+    else:
+        assert isinstance(box_a["error"], TurnInterrupted)
+        assert box_b["result"].turn == 2
+        assert pairs(history) == [
+            ("user", "A from the notebook"),
+            ("user", "B from the web server"),
+            ("assistant", reply_to("B from the web server", 2)),
+        ]
+    assert not manager.lock.is_busy()
+
+
+def test_importing_sessions_and_models_stays_light() -> None:
+    code = (
+        "import sys, chatkit, chatkit.sessions, chatkit.models; "
+        "heavy = {'torch', 'transformers', 'sentence_transformers', 'gradio', 'faiss', 'langchain_huggingface'}; "
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

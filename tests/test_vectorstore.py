@@ -513,33 +513,33 @@ async def test_automatic_compaction_keeps_the_segment_count_bounded(mode: str) -
 
 
 async def test_rows_deleted_during_a_merge_stay_deleted(monkeypatch: pytest.MonkeyPatch) -> None:
-    import chatkit.vectorstore as vs
+    import chatkit._publisher as pub
 
     store = make()
     store.add_texts(["a", "b"], ids=["a", "b"])
     store.add_texts(["c", "d"], ids=["c", "d"])
-    real_merge = vs.merge_segments
+    real_merge = pub.merge_segments
 
     def merge_while_a_writer_deletes(segments: Any, lives: Any) -> Any:
         out = real_merge(segments, lives)
         store.delete(["b", "c"])  # published after the merge read its base, before the swap
         return out
 
-    monkeypatch.setattr(vs, "merge_segments", merge_while_a_writer_deletes)
+    monkeypatch.setattr(pub, "merge_segments", merge_while_a_writer_deletes)
     store.compact()
     assert sorted(d.id for d in store.similarity_search("a", k=10)) == ["a", "d"]  # type: ignore[type-var]
     assert store.version == 3 and len(store.snapshot().segments) == 1
-    monkeypatch.setattr(vs, "merge_segments", real_merge)
+    monkeypatch.setattr(pub, "merge_segments", real_merge)
     assert store.compact().dropped_rows == 2 and len(store) == 2
 
 
 def test_background_merge_failure_leaves_the_store_valid(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    import chatkit.vectorstore as vs
+    import chatkit._publisher as pub
 
     def explode(segments: Any, lives: Any) -> Any:
         raise MemoryError("no room")
 
-    monkeypatch.setattr(vs, "merge_segments", explode)
+    monkeypatch.setattr(pub, "merge_segments", explode)
     store = make(compaction="background", merge_factor=2)
     store.add_texts(["a"], ids=["a"])
     store.add_texts(["b"], ids=["b"])
@@ -585,3 +585,28 @@ def test_vectors_are_normalised_on_the_way_in() -> None:
     store.add_texts(["a", "zero"], ids=["a", "zero"])
     seg = store.snapshot().segments[0]
     np.testing.assert_allclose(seg.vectors(), [[0.6, 0.8], [0.0, 0.0]], rtol=1e-6)
+
+
+async def test_segments_that_die_or_vanish_during_a_merge_stay_dead(monkeypatch: pytest.MonkeyPatch) -> None:
+    import chatkit._publisher as pub
+
+    store = make()
+    store.add_texts(["a"], ids=["a"])
+    store.add_texts(["b"], ids=["b"])
+    store.add_texts(["c"], ids=["c"])
+    real_merge = pub.merge_segments
+    during: list[Any] = []
+
+    def merge_while_writers_act(segments: Any, lives: Any) -> Any:
+        out = real_merge(segments, lives)
+        during.pop(0)()
+        return out
+
+    monkeypatch.setattr(pub, "merge_segments", merge_while_writers_act)
+    during.append(lambda: store.delete(["b"]))  # b's whole segment dies and is dropped mid-merge
+    assert store.compact().segments == 1
+    assert sorted(d.id for d in store.similarity_search("a", k=10)) == ["a", "c"]  # type: ignore[type-var]
+    store.add_texts(["d"], ids=["d"])
+    during.append(lambda: store.delete())  # everything is deleted mid-merge
+    assert store.compact().segments == 0
+    assert store.similarity_search("a", k=10) == [] and len(store) == 0 and bool(store)
