@@ -69,6 +69,7 @@ LOCK_TIMEOUT = 60.0  # seconds a message may wait for the earlier turns of its s
 SESSION_TTL = 2 * 3600.0  # idle chat sessions expire after this many seconds...
 MAX_SESSIONS = 10_000  # ...or when there are more than this many (least recently used first)
 ALLOWED_SUFFIXES: tuple[str, ...] = (".md", ".txt")
+MAX_FILES_PER_UPLOAD = 20
 EmbeddingsChoice = Literal["minilm", "hash"]
 
 POLICY_HELP: dict[str, str] = {
@@ -332,8 +333,10 @@ class DemoServices:
         <DemoServices embeddings='hash' ready=False>
     """
 
-    def __init__(self, config: DemoConfig | None = None) -> None:
+    def __init__(self, config: DemoConfig | None = None, *, embeddings: Any = None) -> None:
+        """``embeddings``: a ready LangChain ``Embeddings`` that overrides ``config.embeddings`` (tests)."""
         self.config = config if config is not None else DemoConfig.from_env()
+        self._embeddings = embeddings
         self._init_lock = chatkit.KeyedLock()
         self._ready = False
         self.store: Any = None
@@ -359,6 +362,8 @@ class DemoServices:
         return self.config.latency if burst is None else burst.latency(text)
 
     def _build_embeddings(self) -> Any:
+        if self._embeddings is not None:
+            return self._embeddings
         if self.config.embeddings == "hash":
             return chatkit.HashEmbeddings()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -629,6 +634,8 @@ class KnowledgeHandlers:
         paths = [getattr(f, "name", f) for f in files or ()]
         if not paths:
             raise gr.Error("Choose one or more .md or .txt files to upload first.")
+        if len(paths) > MAX_FILES_PER_UPLOAD:
+            raise gr.Error(f"Upload at most {MAX_FILES_PER_UPLOAD} files at once, not {len(paths)}; nothing was added.")
         await self.services.ready()
         store = self.services.store
         lines: list[str] = []
@@ -972,7 +979,8 @@ def _parse_auth(value: str) -> tuple[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo until interrupted; returns the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("chatkit").setLevel(logging.INFO)  # ours; third-party request logs stay quiet
     args = parse_args(argv)
     config = DemoConfig(data_dir=args.data, model_dir=args.model, embeddings=args.embeddings, latency=args.latency)
     services = DemoServices(config)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import ChatkitError, LockQueueFull, LockTimeout, SessionBusy, SessionNotFound
+from .errors import ChatkitError, LockQueueFull, LockTimeout, SessionBusy, SessionNotFound, TurnInterrupted
 from .lock import KeyedLock, KeyStatistics, LockEvent, LockStatistics
 from .timeline import Timeline, TimelineRow
 
@@ -37,8 +37,10 @@ _LAZY: dict[str, str] = {
     "SessionManager": "chatkit.sessions",
     "ChatResult": "chatkit.sessions",
     "ChatMessage": "chatkit.sessions",
+    "SessionStatistics": "chatkit.sessions",
     "run": "chatkit.runner",
     "experiments": "chatkit.experiments",
+    "embedding_lab": "chatkit.embedding_lab",
 }
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "LockTimeout",
     "SessionBusy",
     "SessionNotFound",
+    "TurnInterrupted",
     "KeyedLock",
     "KeyStatistics",
     "LockEvent",
@@ -72,10 +75,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from . import experiments
+    from . import embedding_lab, experiments
     from .embeddings import HashEmbeddings, default_embeddings
     from .models import ExtractiveChatModel, load_local_chat_model
     from .naive_store import NaiveVectorStore
     from .runner import run
-    from .sessions import ChatMessage, ChatResult, SessionManager
+    from .sessions import ChatMessage, ChatResult, SessionManager, SessionStatistics
     from .vectorstore import CowVectorStore, DocumentRecord, StoreSnapshot

@@ -14,6 +14,7 @@ __all__ = [
     "LockQueueFull",
     "SessionNotFound",
     "SessionBusy",
+    "TurnInterrupted",
 ]
 
 
@@ -69,3 +70,25 @@ class SessionBusy(ChatkitError):
             "wait for the reply before sending the next one (policy 'reject')"
         )
         self.session_id = session_id
+
+
+class TurnInterrupted(ChatkitError):
+    """A newer message on the same session superseded this one (policy ``"interrupt"`` or ``"rollback"``).
+
+    With ``"interrupt"`` a turn that had started keeps its user message in the history (without a reply);
+    with ``"rollback"``, and for turns that were still queued, nothing of it is kept.
+
+    Attributes:
+        session_id: the session.
+        policy: ``"interrupt"`` or ``"rollback"``.
+        kept_message: whether this turn's user message stayed in the history.
+    """
+
+    def __init__(self, session_id: str, policy: str, *, kept_message: bool) -> None:
+        kept = "its message was kept without a reply" if kept_message else "nothing of it was kept"
+        super().__init__(
+            f"a newer message on session {session_id!r} superseded this one (policy {policy!r}); {kept}"
+        )
+        self.session_id = session_id
+        self.policy = policy
+        self.kept_message = kept_message

@@ -21,7 +21,7 @@ import inspect
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,8 +43,6 @@ __all__ = [
     "parse_context",
     "CONTEXT_INSTRUCTION",
 ]
-
-Latency = float | Callable[[str], "float | None | Awaitable[float | None]"]
 
 CONTEXT_INSTRUCTION = (
     "Answer the user's last message using only the context below, and name the source you used."

@@ -33,12 +33,10 @@ import logging
 import math
 import re
 import secrets
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +49,7 @@ from langgraph.graph.state import CompiledStateGraph
 
 from ._labels import caller_label
 from ._session_graph import GENERATE, SESSION_KEY, WHO_KEY, build_chat_graph
+from ._session_registry import DONE, WAITING, InFlight, Registry
 from ._session_types import POLICIES, ChatMessage, ChatResult, Policy, SessionStatistics, TurnInterrupted
 from .errors import LockTimeout, SessionBusy, SessionNotFound
 from .lock import KeyedLock
@@ -70,16 +69,7 @@ logger = logging.getLogger(__name__)
 _SESSION_ID = re.compile(r"[A-Za-z0-9_\-.:@]{1,128}")
 
 # Turn states. A turn may be superseded (cancelled by a newer message) only while WAITING or RUNNING.
-WAITING, RUNNING, COMMITTING, CLEANUP, DONE = "waiting", "running", "committing", "cleanup", "done"
-
-
-@dataclass(slots=True)
-class _Session:
-    """A registry entry: the session exists. Its history lives in the checkpointer, not here."""
-
-    created: float
-    last_used: float
-    turns: int = 0
+RUNNING, COMMITTING, CLEANUP = "running", "committing", "cleanup"  # and WAITING, DONE
 
 
 @dataclass(slots=True, eq=False)
@@ -94,21 +84,13 @@ class _Turn:
     create_if_missing: bool
     sink: _StreamSink | None
     t0: float  # perf_counter at arrival
-    live: _Live | None = None
+    live: InFlight | None = None
     state: str = WAITING
     superseded: str | None = None  # the policy that cancelled it
     kept_message: bool = False
     request: Any = None  # the held lock request
     waited: float = 0.0
     lock_timed_out: bool = False
-
-
-@dataclass(slots=True)
-class _Live:
-    """The turns of one session id in flight (running or queued), in arrival order."""
-
-    turns: list[_Turn] = field(default_factory=list)
-    others: int = 0  # deletions holding or waiting for the session's lock
 
 
 class _StreamSink:
@@ -148,6 +130,7 @@ def _positive_int(name: str, value: int | None, *, allow_none: bool) -> int | No
     return value
 
 
+_CHECKPOINT_FORMAT = 4  # langgraph's checkpoint format version whose channel_values we read directly
 TIMESTAMP_KEY = "chatkit_timestamp"  # in a stored message's response_metadata: when it was written (epoch s)
 
 
@@ -271,28 +254,15 @@ class SessionManager:
         self._runner: CompiledStateGraph = builder.compile(checkpointer=False)
         self._lock = KeyedLock(observer=None if timeline is None else timeline.observe_lock)
 
-        # Guarded by self._guard (a threading.Lock: callers may live on several event loops; it is held
-        # only for short, non-awaiting bookkeeping).
-        self._guard = threading.Lock()
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
-        self._live: dict[str, _Live] = {}  # session id -> turns in flight; absent when none
-        self._tombstones: set[str] = set()  # removed sessions whose thread is still to be deleted
+        # Bookkeeping (sessions, turns in flight, tombstones, counters), all under one threading.Lock: callers
+        # may live on several event loops. The short names below are the registry's own objects.
+        self._registry = Registry(ttl=self._ttl, max_sessions=self._max_sessions)
+        self._guard = self._registry.guard
+        self._sessions = self._registry.sessions  # least recently used first
+        self._live = self._registry.live  # session id -> what is in flight; absent when nothing is
+        self._tombstones = self._registry.tombstones  # removed sessions whose thread is still to be deleted
+        self._counts = self._registry.counts
         self._background: set[asyncio.Task[None]] = set()
-        self._counts = dict.fromkeys(
-            (
-                "completed",
-                "failed",
-                "timed_out",
-                "cancelled",
-                "interrupted",
-                "rejected",
-                "lock_timeouts",
-                "created",
-                "deleted",
-                "expired",
-            ),
-            0,
-        )
 
     # ------------------------------------------------------------------ properties and introspection
 
@@ -326,25 +296,15 @@ class SessionManager:
         """The default policy for a message on a busy session."""
         return self._policy  # type: ignore[return-value]
 
-    def _census(self) -> tuple[int, int]:
-        running = waiting = 0
-        for live in self._live.values():
-            for t in live.turns:
-                if t.state == WAITING:
-                    waiting += 1
-                elif t.state != DONE:
-                    running += 1
-        return running, waiting
-
     def statistics(self) -> SessionStatistics:
         """Live state and totals since this manager was made."""
         with self._guard:
-            running, waiting = self._census()
+            running, waiting = self._registry.census()
             return SessionStatistics(sessions=len(self._sessions), running=running, waiting=waiting, **self._counts)
 
     def __repr__(self) -> str:
         with self._guard:
-            running, waiting = self._census()
+            running, waiting = self._registry.census()
             sessions = len(self._sessions)
         return (
             f"<SessionManager sessions={sessions} running={running} waiting={waiting} policy={self._policy!r}"
@@ -368,9 +328,8 @@ class SessionManager:
         session_id = secrets.token_urlsafe(16)
         now = self._clock()
         with self._guard:
-            self._sessions[session_id] = _Session(created=now, last_used=now)
-            self._counts["created"] += 1
-            expired = self._sweep_locked(now, keep=session_id)
+            self._registry.add(session_id, now)
+            expired = self._registry.sweep(now, keep=session_id)
         if expired:
             self._purge_in_background()
         return session_id
@@ -421,7 +380,7 @@ class SessionManager:
         with self._guard:
             if session_id not in self._sessions:
                 raise SessionNotFound(session_id)
-            live = self._live.setdefault(session_id, _Live())
+            live = self._registry.in_flight(session_id)
             live.others += 1
         try:
             try:
@@ -441,7 +400,7 @@ class SessionManager:
         finally:
             with self._guard:
                 live.others -= 1
-                self._forget_if_idle(session_id, live)
+                self._registry.forget_if_idle(session_id, live)
 
     async def expire_idle(self) -> list[str]:
         """Expire idle sessions now and delete their threads; return the ids expired by this call.
@@ -451,7 +410,7 @@ class SessionManager:
         too (it is cheap); this method also waits for the deletion of threads to finish.
         """
         with self._guard:
-            expired = self._sweep_locked(self._clock())
+            expired = self._registry.sweep(self._clock())
         await self._purge_all()
         return expired
 
@@ -633,7 +592,7 @@ class SessionManager:
         turn = _Turn(session_id, text, caller_label(), task, asyncio.get_running_loop(), create_if_missing, sink, t0)
         now = self._clock()
         with self._guard:
-            expired = self._sweep_locked(now, keep=session_id)
+            expired = self._registry.sweep(now, keep=session_id)
             session = self._sessions.get(session_id)
             if session is None and not create_if_missing:
                 raise SessionNotFound(session_id)
@@ -646,13 +605,10 @@ class SessionManager:
                 if live is not None and policy in ("interrupt", "rollback")
                 else []
             )
-            if live is None:
-                live = self._live[session_id] = _Live()
+            live = self._registry.in_flight(session_id)
             live.turns.append(turn)
             turn.live = live
-            if session is not None:
-                session.last_used = now
-                self._sessions.move_to_end(session_id)
+            self._registry.touch(session_id, now)
         if expired:
             self._purge_in_background()
         for victim in victims:
@@ -714,14 +670,11 @@ class SessionManager:
             live = turn.live
             if live is not None:
                 live.turns.remove(turn)
-                self._forget_if_idle(session_id, live)
+                self._registry.forget_if_idle(session_id, live)
             self._counts[outcome] += 1
-            session = self._sessions.get(session_id)
-            if session is not None:
-                session.last_used = self._clock()
-                self._sessions.move_to_end(session_id)
-                if outcome == "completed":
-                    session.turns += 1
+            session = self._registry.touch(session_id, self._clock())
+            if session is not None and outcome == "completed":
+                session.turns += 1
 
     async def _run(self, turn: _Turn) -> ChatResult:
         """The turn, holding the session's lock (or not, with ``locking=False``)."""
@@ -738,8 +691,7 @@ class SessionManager:
             now = self._clock()
             with self._guard:
                 if session_id not in self._sessions:
-                    self._sessions[session_id] = _Session(created=now, last_used=now)
-                    self._counts["created"] += 1
+                    self._registry.add(session_id, now)
         thread = self._thread(session_id)
         user = HumanMessage(text, id=str(uuid.uuid4()), response_metadata={TIMESTAMP_KEY: time.time()})
         # Where the commit goes: on the checkpoint this turn reads. Under the lock nobody else writes
@@ -748,14 +700,13 @@ class SessionManager:
         # read-modify-write service would, and the last writer wins.
         target: RunnableConfig = thread
         try:
-            snapshot = await self._graph.aget_state(thread)
-            history: list[Any] = list(snapshot.values.get("messages") or ())
+            history, read = await self._read_history(thread)
             if not self._locking:
-                if snapshot.config.get("configurable", {}).get("checkpoint_id") is None:
+                if read is None:
                     # a new thread: write an empty checkpoint to pin, as the naive service "saves" first
                     target = await self._graph.aupdate_state(thread, {"messages": []}, as_node=GENERATE)
                 else:
-                    target = snapshot.config
+                    target = read
             # Compute the reply; nothing is written meanwhile.
             deadline = asyncio.timeout(self._turn_timeout)
             try:
@@ -806,6 +757,20 @@ class SessionManager:
             waited=turn.waited,
             elapsed=time.perf_counter() - turn.t0,
         )
+
+    async def _read_history(self, thread: RunnableConfig) -> tuple[list[Any], RunnableConfig | None]:
+        """The messages of the thread's latest checkpoint, and that checkpoint's config (None: no checkpoint).
+
+        Reads the checkpoint tuple directly (the ``messages`` channel keeps whole lists in checkpoints);
+        a checkpoint in an older format goes through ``aget_state``, which migrates it.
+        """
+        saved = await self._checkpointer.aget_tuple(thread)
+        if saved is None:
+            return [], None
+        if saved.checkpoint.get("v", 0) < _CHECKPOINT_FORMAT:
+            snapshot = await self._graph.aget_state(thread)
+            return list(snapshot.values.get("messages") or ()), snapshot.config
+        return list(saved.checkpoint["channel_values"].get("messages") or ()), saved.config
 
     async def _compute(
         self, history: list[Any], user: HumanMessage, turn: _Turn, sink: _StreamSink | None
@@ -870,44 +835,6 @@ class SessionManager:
 
     # ------------------------------------------------------------------ expiry and deletion
 
-    def _forget_if_idle(self, session_id: str, live: _Live) -> None:
-        """Guard held: drop the live record of a session with nothing in flight."""
-        if not live.turns and not live.others and self._live.get(session_id) is live:
-            del self._live[session_id]
-
-    def _sweep_locked(self, now: float, keep: str | None = None) -> list[str]:
-        """Guard held: remove expired idle sessions from the registry; their threads are deleted later.
-
-        ``keep`` (the session being created or used) is never removed to make room under ``max_sessions``.
-        """
-        ttl, limit = self._ttl, self._max_sessions
-        if ttl is None and limit is None:
-            return []
-        sessions = self._sessions
-        expired: list[str] = []
-        if ttl is not None:
-            for sid, s in sessions.items():  # least recently used first
-                if s.last_used + ttl > now:
-                    break
-                if sid not in self._live:
-                    expired.append(sid)
-        if limit is not None and len(sessions) - len(expired) > limit:
-            excess = len(sessions) - len(expired) - limit
-            gone = set(expired)
-            for sid in sessions:
-                if excess == 0:
-                    break
-                if sid not in gone and sid not in self._live and sid != keep:
-                    expired.append(sid)
-                    excess -= 1
-        for sid in expired:
-            del sessions[sid]
-            self._tombstones.add(sid)
-        self._counts["expired"] += len(expired)
-        if expired:
-            logger.debug("expired %d idle sessions", len(expired))
-        return expired
-
     async def _purge_locked(self, session_id: str) -> None:
         """Holding the session's lock (or as its turn): delete a removed session's thread."""
         with self._guard:
@@ -926,8 +853,8 @@ class SessionManager:
 
     async def _purge_all(self) -> None:
         """Delete the threads of every removed session (each once per call), under its session's lock."""
-        me = asyncio.current_task()
-        pending = [t for t in self._background if not t.done() and t is not me]
+        me, loop = asyncio.current_task(), asyncio.get_running_loop()
+        pending = [t for t in list(self._background) if not t.done() and t is not me and t.get_loop() is loop]
         if pending:
             await asyncio.wait(pending)
         tried: set[str] = set()
@@ -949,8 +876,8 @@ class SessionManager:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no event loop here: the next expire_idle() deletes the threads
-        if any(not t.done() for t in self._background):
-            return
+        if any(not t.done() and t.get_loop() is loop for t in list(self._background)):
+            return  # the running one deletes every tombstone it has not tried yet
         task = loop.create_task(self._purge_all(), name="chatkit session expiry")
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -2,7 +2,8 @@
 
 Chat with a sourced reply and a double-texting burst, one race-lab experiment with its plot, and an upload
 found by search, with the real local MiniLM embeddings (the demo's default). Screenshots go to
-``test-artifacts/`` (every step) and ``docs/img/`` (one per tab, for the README).
+``test-artifacts/`` (every step); with ``CHATKIT_UPDATE_SCREENSHOTS=1`` the one-per-tab pictures are also
+copied to ``docs/img/`` for the README (a normal test run never modifies tracked files).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _shot(page, name: str, *, readme: bool = False) -> None:  # page: playwright
     ARTIFACTS.mkdir(exist_ok=True)
     target = ARTIFACTS / f"demo-{name}.png"
     page.screenshot(path=str(target), full_page=True)
-    if readme:
+    if readme and os.environ.get("CHATKIT_UPDATE_SCREENSHOTS") == "1":
         DOCS_IMG.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(target, DOCS_IMG / f"demo-{name}.png")
 

@@ -7,12 +7,14 @@ between tests, and no model is loaded.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import gradio as gr
 import pytest
 
 import demo_app
+from chatkit import HashEmbeddings
 from demo_app import DemoHandlers, DemoServices, KnowledgeHandlers, RaceLabHandlers
 from tests.test_demo_harness import fast_config, small_kb
 
@@ -191,7 +193,10 @@ async def test_bad_uploads_are_reported_and_nothing_stored_is_lost(kb: Knowledge
     assert {r[0] for r in rows} == {r[0] for r in before} | {"good.txt"}
 
 
-@pytest.mark.parametrize(("files", "error"), [(None, "Choose one or more"), ([], "Choose one or more")])
+@pytest.mark.parametrize(
+    ("files", "error"),
+    [(None, "Choose one or more"), ([], "Choose one or more"), (["a.md"] * 21, "at most 20 files at once, not 21")],
+)
 async def test_upload_without_files(kb: KnowledgeHandlers, files: list[str] | None, error: str) -> None:
     with pytest.raises(gr.Error, match=error):
         await kb.upload(files)
@@ -225,3 +230,43 @@ async def test_race_lab_bad_controls(services: DemoServices, experiment: str | N
     lab = RaceLabHandlers(services)
     with pytest.raises(gr.Error, match=error):
         await lab.run(experiment or next(iter(demo_app.EXPERIMENTS)), n, False)
+
+
+class _GatedEmbeddings(HashEmbeddings):
+    """Hash embeddings whose document embedding blocks (in the store's worker thread) until released,
+    for texts containing ``GATE``; queries are never blocked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        if any("GATE" in t for t in texts):
+            self.entered.set()
+            if not self.release.wait(timeout=60):
+                raise TimeoutError("the test never released the embedding")
+        return super().embed_documents(texts)
+
+
+async def test_visitors_keep_chatting_and_searching_while_a_document_is_indexed(tmp_path: Path) -> None:
+    embeddings = _GatedEmbeddings()
+    services = DemoServices(fast_config(small_kb(tmp_path / "kb")), embeddings=embeddings)
+    chat, kb = DemoHandlers(services), KnowledgeHandlers(services)
+    await services.ready()
+    doc = tmp_path / "big.md"
+    doc.write_text("# Big\n\nGATE " + "penguins " * 200)
+    upload = asyncio.create_task(kb.upload([str(doc)]))
+    try:
+        assert await asyncio.to_thread(embeddings.entered.wait, 60)  # indexing is under way
+        history, _, _ = await chat.chat("What is a snapshot?", tab("other"))
+        assert [m["role"] for m in history] == ["user", "assistant"]
+        results, note = await kb.search("penguins", 3)
+        assert "big.md" not in {r[0] for r in results}  # not published yet: readers see the old version
+        assert not upload.done()
+    finally:
+        embeddings.release.set()
+    status, rows, _ = await upload
+    assert "**added**: `big.md`" in status and "big.md" in {r[0] for r in rows}
+    results, note = await kb.search("penguins", 3)
+    assert results[0][0] == "big.md"

@@ -164,6 +164,7 @@ def test_loader_refuses_a_directory_without_config(tmp_path: Path) -> None:
         load_local_chat_model(tmp_path)
 
 
+@pytest.mark.model  # imports torch and transformers
 def test_loader_refuses_a_broken_model_directory(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
     with pytest.raises(ValueError, match="could not load a causal language model"):

@@ -1,0 +1,84 @@
+"""The package's shape: a light import, a complete facade, typed, documented."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import chatkit
+
+HEAVY = ("torch", "gradio", "faiss", "sentence_transformers", "transformers")
+
+
+def test_import_chatkit_is_light() -> None:
+    code = (
+        "import sys, chatkit\n"
+        "chatkit.KeyedLock(); chatkit.Timeline()\n"
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"import chatkit loaded {out.stdout.strip()}"
+
+
+def test_lazy_names_do_not_load_heavy_libraries_until_used() -> None:
+    code = (
+        "import sys, chatkit\n"
+        "chatkit.CowVectorStore, chatkit.SessionManager, chatkit.ExtractiveChatModel, chatkit.HashEmbeddings\n"
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"naming chatkit's classes loaded {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize("name", chatkit.__all__)
+def test_every_public_name_resolves_and_is_documented(name: str) -> None:
+    obj = getattr(chatkit, name)
+    doc = inspect.getdoc(obj)
+    assert doc, f"chatkit.{name} has no docstring"
+    if inspect.isclass(obj) and not issubclass(obj, BaseException) and not _is_plain_record(obj):
+        assert ">>>" in doc, f"chatkit.{name}'s docstring has no runnable example"
+
+
+def _is_plain_record(cls: type) -> bool:
+    """Frozen result/statistics records are documented by their fields, not by an example."""
+    import dataclasses
+
+    return dataclasses.is_dataclass(cls)
+
+
+def test_unknown_attribute_is_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        chatkit.Nope  # noqa: B018
+
+
+def test_py_typed_is_shipped() -> None:
+    assert (Path(chatkit.__file__).parent / "py.typed").is_file()
+
+
+def test_library_never_prints() -> None:
+    root = Path(chatkit.__file__).parent
+    offenders = [
+        f"{p.name}:{i}"
+        for p in root.glob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if line.lstrip().startswith("print(")
+    ]
+    assert offenders == []
+
+
+def test_no_pickle_in_library() -> None:
+    root = Path(chatkit.__file__).parent
+    offenders = [p.name for p in root.glob("*.py") if "import pickle" in p.read_text()]
+    assert offenders == []
+
+
+def test_submodules_import_cleanly() -> None:
+    root = Path(chatkit.__file__).parent
+    for p in sorted(root.glob("*.py")):
+        if p.stem != "__init__":
+            importlib.import_module(f"chatkit.{p.stem}")
