@@ -29,6 +29,8 @@ _LAZY: dict[str, str] = {
     "CowVectorStore": "chatkit.vectorstore",
     "StoreSnapshot": "chatkit.vectorstore",
     "DocumentRecord": "chatkit.vectorstore",
+    "StoreStatistics": "chatkit.vectorstore",
+    "CompactionResult": "chatkit.vectorstore",
     "NaiveVectorStore": "chatkit.naive_store",
     "HashEmbeddings": "chatkit.embeddings",
     "default_embeddings": "chatkit.embeddings",
@@ -81,4 +83,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .naive_store import NaiveVectorStore
     from .runner import run
     from .sessions import ChatMessage, ChatResult, SessionManager, SessionStatistics
-    from .vectorstore import CowVectorStore, DocumentRecord, StoreSnapshot
+    from .vectorstore import CompactionResult, CowVectorStore, DocumentRecord, StoreSnapshot, StoreStatistics

@@ -61,7 +61,7 @@ async def store_race(*, cow: bool, parts: int = 6, max_searches: int = 500) -> S
     Args:
         cow: use ``CowVectorStore`` (the fix) instead of ``NaiveVectorStore``.
         parts: chunks per version of the document (2 or more).
-        max_searches: stop searching after this many (the writer is awaited regardless).
+        max_searches: after this many searches, wait for the writer, then search once more.
 
     Raises:
         ValueError: ``parts < 2`` or ``max_searches < 1``.
@@ -98,7 +98,7 @@ async def store_race(*, cow: bool, parts: int = 6, max_searches: int = 500) -> S
             writer_done.set()
 
     async def reader() -> None:
-        while len(searches) < max_searches:
+        while True:
             finished = writer_done.is_set()
             docs = store.similarity_search("guide version part chatbot", k=k)
             by_version: dict[int, int] = {}
@@ -109,7 +109,10 @@ async def store_race(*, cow: bool, parts: int = 6, max_searches: int = 500) -> S
             searches.append((timeline.now(), by_version))
             if finished:
                 return
-            await asyncio.sleep(0)
+            if len(searches) >= max_searches:
+                await writer_done.wait()  # then one last search, after the writer published
+            else:
+                await asyncio.sleep(0)
 
     outcomes = await _gather_named([("writer", writer), ("reader", reader)])
     for outcome in outcomes:
