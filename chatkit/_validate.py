@@ -69,6 +69,19 @@ def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
+def check_store_config(embeddings: object, chunk_size: object, chunk_overlap: object) -> tuple[int, int]:
+    """Validate what both stores take: LangChain embeddings (or None) and a chunk size above the overlap."""
+    from langchain_core.embeddings import Embeddings
+
+    if embeddings is not None and not isinstance(embeddings, Embeddings):
+        raise TypeError(f"embeddings must be a LangChain Embeddings or None, got {type(embeddings).__name__}")
+    size = check_positive_int("chunk_size", chunk_size)
+    overlap = check_positive_int("chunk_overlap", chunk_overlap, minimum=0)
+    if overlap >= size:
+        raise ValueError(f"chunk_overlap ({overlap}) must be smaller than chunk_size ({size})")
+    return size, overlap
+
+
 def check_k(k: object) -> int:
     """The number of results asked for: an int of at least 1."""
     return check_positive_int("k", k)

@@ -4,8 +4,9 @@ Design, in invariants:
 
 * One ``threading.Lock`` (the *guard*) protects all state, so callers on different event loops and plain
   threads share one lock. Nobody ever awaits or runs user code while holding the guard.
-* ``_table`` maps a key to its :class:`_KeyState` only while someone holds or waits for that key; the entry
-  is deleted the moment the key goes idle, so a lock that saw a million keys keeps none of them.
+* ``_table`` has an entry for a key only while someone holds or waits for it: the holding request itself
+  while the key is uncontended (the fast path allocates nothing else), a :class:`_KeyState` once someone
+  waits. The entry is deleted the moment the key goes idle, so a lock that saw a million keys keeps none.
 * Each key has at most one holder and an insertion-ordered queue of waiters (an ``OrderedDict``: O(1) append,
   O(1) removal from anywhere, O(1) peek and pop at the head).
 * A request for several keys joins every key's queue in one step under the guard and is granted all of its
@@ -25,7 +26,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any, Literal, TypeVar, overload
@@ -254,19 +255,22 @@ class KeyedLock:
 
     # ----------------------------------------------------------------- public API
 
-    def __call__(self, *keys: Hashable, timeout: float | None = _UNSET, label: str | None = None) -> _Request:
-        """Return an async context manager that holds ``keys`` for the duration of the block.
+    def __call__(
+        self, key: Hashable = _UNSET, /, *more: Hashable, timeout: float | None = _UNSET, label: str | None = None
+    ) -> _Request:
+        """Return an async context manager that holds the keys for the duration of the block.
 
         Several keys are de-duplicated and taken together, atomically: no two callers can deadlock on each
         other's keys, and a caller that times out or is cancelled holds none of them.
         """
-        if len(keys) != 1:
-            keys = _dedupe(keys)
+        if more or key is _UNSET:
+            keys = _dedupe(() if key is _UNSET else (key, *more))
         else:
+            keys = (key,)
             try:
-                hash(keys[0])
+                hash(key)
             except TypeError:
-                raise TypeError(f"lock keys must be hashable, got {type(keys[0]).__name__} {keys[0]!r}") from None
+                raise TypeError(f"lock keys must be hashable, got {type(key).__name__} {key!r}") from None
         if timeout is _UNSET:
             timeout = self._timeout
         else:
@@ -282,13 +286,15 @@ class KeyedLock:
         req.granted = False
         return req
 
-    def sync(self, *keys: Hashable, timeout: float | None = _UNSET, label: str | None = None) -> _Request:
+    def sync(
+        self, key: Hashable = _UNSET, /, *more: Hashable, timeout: float | None = _UNSET, label: str | None = None
+    ) -> _Request:
         """Like calling the lock, but a plain context manager for threads (``with lock.sync(key):``).
 
         Raises:
             RuntimeError: on entry from a thread that is running an event loop (it would block the loop).
         """
-        return self(*keys, timeout=timeout, label=label)
+        return self(key, *more, timeout=timeout, label=label)
 
     async def run(
         self,
@@ -708,7 +714,7 @@ class _Request:
                     self.granted = True
                     self.t_acquired = lock._clock()
                     lock._acquisitions += 1
-                    return _READY
+                    return _done_future or _ready()
             finally:
                 guard.release()
         return self._acquire()
@@ -810,12 +816,12 @@ class _Request:
                 if table.get(key) is self:
                     del table[key]
                     lock._total_hold += lock._clock() - self.t_acquired
-                    return _READY
+                    return _done_future or _ready()
             finally:
                 guard.release()
         if self.hold_handle is None:
             self._release()
-            return _READY
+            return _done_future or _ready()
         return self._aexit(exc_type, exc)
 
     async def _aexit(self, exc_type: type[BaseException] | None, exc: BaseException | None) -> None:
@@ -881,16 +887,21 @@ class _Request:
         self._release()
 
 
-class _Ready:
-    """An awaitable that is already done (``await _READY`` returns ``None`` at once)."""
-
-    __slots__ = ()
-
-    def __await__(self) -> Iterator[None]:
-        return iter(())
+_done_future: asyncio.Future[None] | None = None
 
 
-_READY: Awaitable[None] = _Ready()
+def _ready() -> Awaitable[None]:
+    """An awaitable that is already done, so ``await`` returns at once.
+
+    A finished ``asyncio.Future`` (implemented in C) is the cheapest such object; awaiting a finished
+    future never touches its event loop, so the one made on the first loop serves every loop.
+    """
+    global _done_future
+    if _done_future is None:
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        _done_future = fut
+    return _done_future
 _new_request = object.__new__
 _get_running_loop = asyncio._get_running_loop
 _get_ident = threading.get_ident

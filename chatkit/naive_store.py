@@ -20,7 +20,7 @@ from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 
 from ._records import CHUNK_KEY, SOURCE_KEY, VERSION_KEY, DocumentRecord
-from ._validate import as_matrix, as_query_vector, check_content, check_k, check_metadata, check_positive_int, check_source
+from ._validate import as_matrix, as_query_vector, check_content, check_k, check_metadata, check_source, check_store_config
 
 if TYPE_CHECKING:
     from .timeline import Timeline
@@ -79,12 +79,7 @@ class NaiveVectorStore:
         chunk_delay: float = 0.0,
         timeline: Timeline | None = None,
     ) -> None:
-        if embeddings is not None and not isinstance(embeddings, Embeddings):
-            raise TypeError(f"embeddings must be a LangChain Embeddings or None, got {type(embeddings).__name__}")
-        chunk_size = check_positive_int("chunk_size", chunk_size)
-        chunk_overlap = check_positive_int("chunk_overlap", chunk_overlap, minimum=0)
-        if chunk_overlap >= chunk_size:
-            raise ValueError(f"chunk_overlap ({chunk_overlap}) must be smaller than chunk_size ({chunk_size})")
+        chunk_size, chunk_overlap = check_store_config(embeddings, chunk_size, chunk_overlap)
         if isinstance(chunk_delay, bool) or not isinstance(chunk_delay, (int, float)) or not chunk_delay >= 0:
             raise ValueError(f"chunk_delay must be a number of seconds >= 0, got {chunk_delay!r}")
         self._embeddings = embeddings

@@ -39,7 +39,7 @@ from ._records import CompactionResult, DocumentRecord, StoreStatistics
 from ._publisher import Batch, Compaction, Publisher
 from ._segments import build_index
 from ._snapshot import StoreSnapshot, relevance
-from ._validate import as_matrix, check_content, check_metadata, check_positive_int, check_source
+from ._validate import as_matrix, check_content, check_metadata, check_positive_int, check_source, check_store_config
 from .lock import KeyedLock
 
 if TYPE_CHECKING:
@@ -104,12 +104,7 @@ class CowVectorStore(VectorStore):
         max_segments: int = 32,
         timeline: Timeline | None = None,
     ) -> None:
-        if embeddings is not None and not isinstance(embeddings, Embeddings):
-            raise TypeError(f"embeddings must be a LangChain Embeddings or None, got {type(embeddings).__name__}")
-        chunk_size = check_positive_int("chunk_size", chunk_size)
-        chunk_overlap = check_positive_int("chunk_overlap", chunk_overlap, minimum=0)
-        if chunk_overlap >= chunk_size:
-            raise ValueError(f"chunk_overlap ({chunk_overlap}) must be smaller than chunk_size ({chunk_size})")
+        chunk_size, chunk_overlap = check_store_config(embeddings, chunk_size, chunk_overlap)
         if compaction not in ("background", "inline", "off"):
             raise ValueError(f"compaction must be 'background', 'inline' or 'off', got {compaction!r}")
         merge_factor = check_positive_int("merge_factor", merge_factor, minimum=2)
