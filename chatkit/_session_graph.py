@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Annotated, Any, TypedDict
 
 from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AnyMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AnyMessage, SystemMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
-from .models import format_context
+from .models import format_context, last_user_text
 
 if TYPE_CHECKING:
     from langchain_core.vectorstores import VectorStore
@@ -41,14 +41,6 @@ class ChatState(TypedDict, total=False):
 
     messages: Annotated[list[AnyMessage], add_messages]
     context: list[Document]
-
-
-def last_user_text(messages: list[AnyMessage]) -> str:
-    """The text of the last human message (``""`` when there is none)."""
-    for m in reversed(messages):
-        if isinstance(m, HumanMessage):
-            return m.text
-    return ""
 
 
 def _span(timeline: Timeline | None, phase: str, config: RunnableConfig) -> contextlib.AbstractContextManager[None]:

@@ -150,7 +150,8 @@ class _KeyState:
         self.total_hold = 0.0
 
 
-def _check_timeout(name: str, value: float | None) -> float | None:
+def check_seconds(name: str, value: float | None) -> float | None:
+    """Validate a duration: a positive number of seconds, or None (inf also means None)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -227,14 +228,14 @@ class KeyedLock:
         observer: Callable[[LockEvent], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._timeout = _check_timeout("timeout", timeout)
+        self._timeout = check_seconds("timeout", timeout)
         if max_pending is not None:
             if isinstance(max_pending, bool) or not isinstance(max_pending, int):
                 raise TypeError(f"max_pending must be an int or None, got {max_pending!r}")
             if max_pending < 1:
                 raise ValueError(f"max_pending must be at least 1, got {max_pending!r}")
         self._max_pending = max_pending
-        self._max_hold = _check_timeout("max_hold", max_hold)
+        self._max_hold = check_seconds("max_hold", max_hold)
         self._reentrant = bool(reentrant)
         self._clock = clock
         self._guard = threading.Lock()
@@ -274,7 +275,7 @@ class KeyedLock:
         if timeout is _UNSET:
             timeout = self._timeout
         else:
-            timeout = _check_timeout("timeout", timeout)
+            timeout = check_seconds("timeout", timeout)
         if label is not None and type(label) is not str:
             raise TypeError(f"label must be a str or None, got {label!r}")
         req = _new_request(_Request)  # no __init__ call: this is the hot path
@@ -592,10 +593,6 @@ class _Request:
     def _event(self, kind: EventKind, now: float, waited: float | None = None, held: float | None = None) -> LockEvent:
         return LockEvent(kind, self.keys, self.label_text(), now, waited, held)
 
-    def _start(self, frame: FrameType) -> None:
-        if self.frame is not None:
-            raise RuntimeError("this lock request was already used; call lock(key) again for a new one")
-        self.frame = frame
 
     def wake(self) -> None:
         """Tell this granted waiter to resume, on its own loop or thread (guard NOT held)."""
@@ -789,6 +786,10 @@ class _Request:
                     self._event("acquired", self.t_acquired, waited=self.t_acquired - self.t_request),
                     self._event("released", now, held=held),
                 ]
+            elif self.future.done() and not self.future.cancelled():
+                # Its timeout fired first (and already left the queues); the cancellation wins.
+                self.future.exception()  # retrieved: asyncio must not log it as lost
+                events = []
             else:
                 lock._withdraw_locked(self, False, now, woken)
                 events = [self._event("cancelled", now, waited=now - self.t_request)]
@@ -851,7 +852,9 @@ class _Request:
                 "lock.sync() was used in a thread that runs an event loop, where it would block the loop; "
                 "use 'async with lock(key):' there"
             )
-        self._start(sys._getframe(1))
+        if self.frame is not None:
+            raise RuntimeError("this lock request was already used; call lock(key) again for a new one")
+        self.frame = sys._getframe(1)
         self.owner = threading.current_thread()
         lock = self.lock
         events: list[LockEvent] | None = [] if lock._observers else None
@@ -865,8 +868,18 @@ class _Request:
                 lock._emit(events)
         if done:
             return
-        self.event.wait(self.timeout)
         woken: list[_Request] = []
+        try:
+            self.event.wait(self.timeout)
+        except BaseException:  # e.g. KeyboardInterrupt while waiting: hold nothing, leave the queues
+            with lock._guard:
+                now = lock._clock()
+                if self.granted:
+                    lock._release_locked(self, now, woken)
+                else:
+                    lock._withdraw_locked(self, False, now, woken)
+            lock._wake_all(woken)
+            raise
         with lock._guard:
             now = lock._clock()
             if not self.granted:

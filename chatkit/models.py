@@ -104,7 +104,8 @@ def _words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS}
 
 
-def _last_user_text(messages: Sequence[BaseMessage]) -> str:
+def last_user_text(messages: Sequence[BaseMessage]) -> str:
+    """The text of the last human message (``""`` when there is none)."""
     for m in reversed(messages):
         if isinstance(m, HumanMessage):
             return m.text
@@ -220,7 +221,7 @@ class ExtractiveChatModel(BaseChatModel):
 
     def answer(self, messages: Sequence[BaseMessage], stop: list[str] | None = None) -> str:
         """The reply to ``messages`` (no latency): see the class docstring for the rules."""
-        question = _last_user_text(messages)
+        question = last_user_text(messages)
         chunks = _chunks_in(messages)
         if chunks:
             asked = _words(question)
@@ -245,7 +246,7 @@ class ExtractiveChatModel(BaseChatModel):
         return UsageMetadata(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out)
 
     def _latency_sync(self, messages: Sequence[BaseMessage]) -> None:
-        value = self.latency(_last_user_text(messages)) if callable(self.latency) else self.latency
+        value = self.latency(last_user_text(messages)) if callable(self.latency) else self.latency
         if inspect.isawaitable(value):
             if inspect.iscoroutine(value):
                 value.close()
@@ -257,7 +258,7 @@ class ExtractiveChatModel(BaseChatModel):
             time.sleep(seconds)
 
     async def _latency_async(self, messages: Sequence[BaseMessage]) -> None:
-        value = self.latency(_last_user_text(messages)) if callable(self.latency) else self.latency
+        value = self.latency(last_user_text(messages)) if callable(self.latency) else self.latency
         awaited = inspect.isawaitable(value)
         if awaited:
             value = await value

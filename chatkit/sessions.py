@@ -30,9 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import re
 import secrets
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -52,7 +52,7 @@ from ._session_graph import GENERATE, SESSION_KEY, WHO_KEY, build_chat_graph
 from ._session_registry import DONE, WAITING, InFlight, Registry
 from ._session_types import POLICIES, ChatMessage, ChatResult, Policy, SessionStatistics, TurnInterrupted
 from .errors import LockTimeout, SessionBusy, SessionNotFound
-from .lock import KeyedLock
+from .lock import KeyedLock, check_seconds
 from .models import ExtractiveChatModel
 
 if TYPE_CHECKING:
@@ -108,16 +108,6 @@ class _StreamSink:
         """Every chunk is queued: wait until the consumer has read them all (then the turn commits)."""
         self.queue.put_nowait(self.DONE)
         await self.gate
-
-
-def _positive(name: str, value: float | None, *, allow_none: bool = True) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds{' or None' if allow_none else ''}, got {value!r}")
-    if math.isnan(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-    return None if math.isinf(value) else float(value)
 
 
 def _positive_int(name: str, value: int | None, *, allow_none: bool) -> int | None:
@@ -234,10 +224,10 @@ class SessionManager:
             raise TypeError(f"locking must be True or False, got {locking!r}")
         self._locking = locking
         self._policy = self._check_policy(policy)
-        self._lock_timeout = _positive("lock_timeout", lock_timeout)
-        self._turn_timeout = _positive("turn_timeout", turn_timeout)
+        self._lock_timeout = check_seconds("lock_timeout", lock_timeout)
+        self._turn_timeout = check_seconds("turn_timeout", turn_timeout)
         self._max_chars = _positive_int("max_message_chars", max_message_chars, allow_none=False)
-        self._ttl = _positive("session_ttl", session_ttl)
+        self._ttl = check_seconds("session_ttl", session_ttl)
         self._max_sessions = _positive_int("max_sessions", max_sessions, allow_none=True)
         self._retrieve_k = _positive_int("retrieve_k", retrieve_k, allow_none=False)
         if not callable(clock):
@@ -627,6 +617,9 @@ class SessionManager:
         request = self._lock(turn.session_id, timeout=self._lock_timeout, label=turn.who)
         try:
             await request.__aenter__()
+            # Entered from this helper: record the caller's frame, which stays on the stack for the whole
+            # turn, so the lock's re-entry check can see a turn asking again for its own session.
+            request.frame = sys._getframe(1)
         except LockTimeout as exc:
             turn.lock_timed_out = True
             raise self._lock_timeout_error(turn.session_id, exc, "sending your message") from exc

@@ -863,3 +863,57 @@ def test_waiter_on_a_closed_loop_does_not_block_others() -> None:
         pass
     assert len(lock) == 0
 
+
+
+async def test_cancelled_in_the_same_instant_its_timeout_fired(loop_clock: FakeClock) -> None:
+    """Timeout and cancellation due together (an outer timeout with the same deadline): CancelledError wins,
+    the waiter is withdrawn exactly once, and nothing is left behind."""
+    lock = KeyedLock(clock=loop_clock)
+    async with lock("k"):
+        waiter = asyncio.create_task(lock.run("k", lambda: None, timeout=5))
+        await settle()
+        loop = asyncio.get_running_loop()
+        loop.call_at(loop.time() + 5, waiter.cancel)  # scheduled after the lock's own timer, same instant
+        await loop_clock.advance_and_settle(5)
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert lock.waiters("k") == 0
+    assert len(lock) == 0
+
+
+def test_thread_interrupted_while_waiting_leaves_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KeyboardInterrupt (or any error) out of a thread's wait must not leave a dead waiter in line."""
+    lock = KeyedLock()
+    seq = Sequencer()
+    lock.add_observer(seq)
+    errors: list[BaseException] = []
+
+    class Interrupted(Exception):
+        pass
+
+    real_wait = threading.Event.wait
+
+    def interrupted_wait(self: threading.Event, timeout: float | None = None) -> bool:
+        if threading.current_thread().name == "victim":
+            raise Interrupted("Ctrl+C")
+        return real_wait(self, timeout)
+
+    monkeypatch.setattr(threading.Event, "wait", interrupted_wait)
+
+    def victim() -> None:
+        try:
+            with lock.sync("k", label="victim"):
+                pass
+        except Interrupted as exc:
+            errors.append(exc)
+
+    with lock.sync("k", label="main"):
+        t = threading.Thread(target=victim, name="victim")
+        t.start()
+        t.join(30)
+        assert not t.is_alive()
+        assert lock.waiters("k") == 0
+    assert len(errors) == 1
+    assert len(lock) == 0
+    with lock.sync("k", timeout=5):
+        assert lock.statistics("k").holder == "MainThread"
