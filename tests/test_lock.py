@@ -746,6 +746,7 @@ def test_two_event_loops_and_a_thread_share_one_lock_fifo() -> None:
         assert lock.waiters("k") == 3
     for t in threads:
         t.join(30)
+        assert not t.is_alive(), "a thread is stuck (deadlock?)"
     assert record == ["loop-1", "loop-2", "sync"]
     assert max_inside == 1
     assert len(lock) == 0
@@ -790,6 +791,7 @@ def test_many_threads_and_loops_exclusion_stress() -> None:
         t.start()
     for t in threads:
         t.join(60)
+        assert not t.is_alive(), "a thread is stuck (deadlock?)"
     assert violations == []
     assert sum(counts.values()) == 5 * 200
     assert len(lock) == 0
@@ -829,6 +831,7 @@ def test_sync_timeout_in_thread() -> None:
         t = threading.Thread(target=waiter)
         t.start()
         t.join(30)
+        assert not t.is_alive(), "a thread is stuck (deadlock?)"
     assert len(result) == 1 and "timeout=0.01" in str(result[0])
     assert len(lock) == 0
 
@@ -857,6 +860,7 @@ def test_waiter_on_a_closed_loop_does_not_block_others() -> None:
         t = threading.Thread(target=doomed_thread)
         t.start()
         t.join(30)
+        assert not t.is_alive(), "a thread is stuck (deadlock?)"
         seq.wait_for("doomed", "requested")
     gc.collect()
     with lock.sync("k", timeout=5):
