@@ -36,11 +36,11 @@ demo: install
 test: install chromium
 	$(BIN)/python -m pytest --doctest-modules \
 	  --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg \
-	  chatkit tests notebooks $(PYTEST_ARGS)
+	  chatkit chatkit_demo demo_app.py tests notebooks $(PYTEST_ARGS)
 
 # Everything but notebooks and browser, for a quick edit-test loop.
 test-fast: install
-	$(BIN)/python -m pytest --doctest-modules chatkit tests -m "not browser and not model" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --doctest-modules chatkit chatkit_demo demo_app.py tests -m "not browser and not model" $(PYTEST_ARGS)
 
 bench: install
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

@@ -244,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def demo_app_chat_limit() -> int:
-    """The demo's own chat concurrency (read from demo_app.py without importing Gradio here)."""
+    """The demo's own chat concurrency (read from chatkit_demo/config.py without importing Gradio here)."""
     import re
 
-    match = re.search(r"^CHAT_LIMIT = (\d+)", (REPO / "demo_app.py").read_text(), re.MULTILINE)
+    match = re.search(r"^CHAT_LIMIT = (\d+)", (REPO / "chatkit_demo" / "config.py").read_text(), re.MULTILINE)
     return int(match.group(1)) if match else 128
 
 

@@ -1,0 +1,91 @@
+"""The command line: :func:`parse_args` and :func:`main` (launch, ``--share`` / ``--auth`` messages)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import chatkit
+
+from .config import CHAT_LIMIT, DEFAULT_DATA_DIR, DemoConfig
+from .services import DemoServices
+from .ui import build_demo
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="demo_app.py", description="chatkit's multi-user Gradio demo")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--share", action="store_true", help="ask Gradio for a public link (needs internet)")
+    parser.add_argument("--auth", type=_parse_auth, default=None, metavar="USER:PASS", help="require a login")
+    parser.add_argument("--model", type=Path, default=None, metavar="DIR",
+                        help="a local Hugging Face causal-LM directory (default: the offline extractive model)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, metavar="DIR",
+                        help="knowledge-base directory of .md/.txt files (default: data/)")
+    parser.add_argument("--embeddings", choices=("minilm", "hash"), default="minilm",
+                        help="minilm: the local all-MiniLM-L6-v2 (default); hash: fast, for smoke tests")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds the extractive model takes per reply")
+    parser.add_argument("--chat-concurrency", type=int, default=CHAT_LIMIT, metavar="N",
+                        help=f"chat events running at once across all visitors (default {CHAT_LIMIT}; "
+                        "1 = Gradio's default single queue, for comparison)")
+    args = parser.parse_args(argv)
+    if args.chat_concurrency < 1:
+        parser.error(f"--chat-concurrency must be >= 1, got {args.chat_concurrency}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
+    for name in ("data", "model"):
+        value = getattr(args, name)
+        if value is not None and not value.is_dir():
+            parser.error(f"--{name} {value} is not a directory")
+    return args
+
+
+def _parse_auth(value: str) -> tuple[str, str]:
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("--auth must be USER:PASS with a non-empty user and password")
+    return user, password
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo until interrupted; returns the exit status."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("chatkit").setLevel(logging.INFO)  # ours; third-party request logs stay quiet
+    args = parse_args(argv)
+    config = DemoConfig(data_dir=args.data, model_dir=args.model, embeddings=args.embeddings, latency=args.latency)
+    services = DemoServices(config)
+    app = build_demo(services=services, chat_concurrency=args.chat_concurrency)
+    if args.share and args.auth is None:
+        print(
+            "WARNING: --share without --auth: anyone who gets the public link can use this demo. "
+            "Add --auth USER:PASS to require a login.",
+            file=sys.stderr, flush=True,
+        )
+    print(f"Loading the knowledge base from {config.data_dir} ({config.embeddings} embeddings)…", flush=True)
+    chatkit.run(services.ready())
+    app.launch(
+        server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
+        prevent_thread_lock=True, show_error=True, max_file_size=4 * config.max_upload_bytes,
+    )
+    if args.share:
+        if app.share_url:
+            print(f"Public link: {app.share_url}", flush=True)
+        else:
+            print(
+                "NOTE: no public share link could be made (this machine cannot reach Gradio's share "
+                f"server). The demo keeps serving locally at {app.local_url}",
+                flush=True,
+            )
+    print(f"chatkit demo running at {app.local_url} (Ctrl+C to stop)", flush=True)
+    try:
+        app.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.close()
+    return 0
