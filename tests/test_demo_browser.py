@@ -128,7 +128,9 @@ def test_upload_is_found_by_search_with_its_snapshot_version(page, tmp_path: Pat
     expect(page.locator("#documents")).to_contain_text(".md")
     page.locator("#upload input[type=file]").set_input_files(str(doc))
     page.locator("#add-docs").click()
-    expect(page.locator("#upload-status")).to_contain_text("penguins.md")
+    # Wait for the finished report: while indexing runs, the outputs show Gradio's progress overlay
+    # ("indexing penguins.md"), which would match the file name before the document is published.
+    expect(page.locator("#upload-status")).to_contain_text(re.compile(r"penguins\.md`?, \d+ chunks?, published as version \d+"))
     expect(page.locator("#documents")).to_contain_text("penguins.md")
     query = page.locator("#query textarea")
     query.fill("How do emperor penguins survive the winter?")
