@@ -6,6 +6,7 @@ A :class:`Timeline` is fed by :class:`~chatkit.KeyedLock`'s observer hook and by
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -117,7 +118,7 @@ class Timeline:
         try:
             yield
         except BaseException as exc:
-            outcome = "cancelled" if isinstance(exc, (GeneratorExit, _cancelled_types())) else "error"
+            outcome = "cancelled" if isinstance(exc, (GeneratorExit, asyncio.CancelledError)) else "error"
             raise
         finally:
             self.add(TimelineRow(who, phase, start, self.now(), key, outcome, detail))
@@ -244,9 +245,3 @@ def plot_timelines(timelines: Mapping[str, Timeline], *, width: float = 10.0, sh
         if not isinstance(tl, Timeline):
             raise TypeError(f"plot_timelines() wants Timeline values, got {type(tl).__name__} for {name!r}")
     return plot_many({name: tl.rows() for name, tl in timelines.items()}, width=width, sharex=sharex)
-
-
-def _cancelled_types() -> type[BaseException]:
-    import asyncio
-
-    return asyncio.CancelledError

@@ -15,24 +15,19 @@ import chatkit
 HEAVY = ("torch", "gradio", "faiss", "sentence_transformers", "transformers")
 
 
-def test_import_chatkit_is_light() -> None:
-    code = (
-        "import sys, chatkit\n"
-        "chatkit.KeyedLock(); chatkit.Timeline()\n"
-        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
-    )
+@pytest.mark.parametrize(
+    "use",
+    [
+        "chatkit.KeyedLock(); chatkit.Timeline()",
+        # naming the lazy classes imports their modules, but not the heavy libraries behind them
+        "chatkit.CowVectorStore, chatkit.SessionManager, chatkit.ExtractiveChatModel, chatkit.HashEmbeddings",
+    ],
+    ids=["import", "lazy names"],
+)
+def test_import_chatkit_is_light(use: str) -> None:
+    code = f"import sys, chatkit\n{use}\nprint(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"import chatkit loaded {out.stdout.strip()}"
-
-
-def test_lazy_names_do_not_load_heavy_libraries_until_used() -> None:
-    code = (
-        "import sys, chatkit\n"
-        "chatkit.CowVectorStore, chatkit.SessionManager, chatkit.ExtractiveChatModel, chatkit.HashEmbeddings\n"
-        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"naming chatkit's classes loaded {out.stdout.strip()}"
+    assert out.stdout.strip() == "", f"{use!r} loaded {out.stdout.strip()}"
 
 
 @pytest.mark.parametrize("name", chatkit.__all__)
