@@ -14,7 +14,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench chromium clean
+.PHONY: install demo test test-fast bench chromium servers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,11 +30,18 @@ chromium:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
 
+# The scale-out tests start their own redis-server (Debian's) and PostgreSQL cluster on loopback ports.
+servers:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing Debian's redis-server for the scale-out tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q redis-server; }
+
 demo: install
 	$(BIN)/python demo_app.py
 
-test: install chromium
-	$(BIN)/python -m pytest --doctest-modules \
+test: install chromium servers
+	CHATKIT_REQUIRE_SERVERS=1 $(BIN)/python -m pytest --doctest-modules \
 	  --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg \
 	  chatkit chatkit_demo demo_app.py tests notebooks $(PYTEST_ARGS)
 

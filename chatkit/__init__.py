@@ -19,19 +19,19 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import ChatkitError, LockQueueFull, LockTimeout, SessionBusy, SessionNotFound, TurnInterrupted
-from .lock import KeyedLock, KeyStatistics, LockEvent, LockStatistics
+from .locks import KeyedLock, KeyStatistics, LockEvent, LockStatistics
 from .timeline import Timeline, TimelineRow
 
 __version__ = "0.1.0"
 
 # name -> module that defines it; imported on first attribute access (PEP 562)
 _LAZY: dict[str, str] = {
-    "CowVectorStore": "chatkit.vectorstore",
-    "StoreSnapshot": "chatkit.vectorstore",
-    "DocumentRecord": "chatkit.vectorstore",
-    "StoreStatistics": "chatkit.vectorstore",
-    "CompactionResult": "chatkit.vectorstore",
-    "NaiveVectorStore": "chatkit.naive_store",
+    "CowVectorStore": "chatkit.store",
+    "StoreSnapshot": "chatkit.store",
+    "DocumentRecord": "chatkit.store",
+    "StoreStatistics": "chatkit.store",
+    "CompactionResult": "chatkit.store",
+    "NaiveVectorStore": "chatkit.store",
     "HashEmbeddings": "chatkit.embeddings",
     "default_embeddings": "chatkit.embeddings",
     "ExtractiveChatModel": "chatkit.models",
@@ -80,7 +80,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import embedding_lab, experiments
     from .embeddings import HashEmbeddings, default_embeddings
     from .models import ExtractiveChatModel, load_local_chat_model
-    from .naive_store import NaiveVectorStore
+    from .store import NaiveVectorStore
     from .runner import run
     from .sessions import ChatMessage, ChatResult, SessionManager, SessionStatistics
-    from .vectorstore import CompactionResult, CowVectorStore, DocumentRecord, StoreSnapshot, StoreStatistics
+    from .store import CompactionResult, CowVectorStore, DocumentRecord, StoreSnapshot, StoreStatistics

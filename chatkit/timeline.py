@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from .lock import LockEvent
+    from .locks import LockEvent
 
 __all__ = ["Timeline", "TimelineRow", "plot_timelines"]
 

@@ -63,3 +63,62 @@ def local_embeddings():  # type: ignore[no-untyped-def]
     from chatkit.embeddings import default_embeddings
 
     return default_embeddings()
+
+
+# ------------------------------------------------------------------ throwaway servers (chatkit.testing)
+# Skipped with the reason when the binaries are missing, except under `make test`, which installs them and
+# sets CHATKIT_REQUIRE_SERVERS=1 so that a missing server fails instead of silently skipping.
+
+
+def _unavailable(exc: Exception) -> None:
+    if os.environ.get("CHATKIT_REQUIRE_SERVERS") == "1":
+        pytest.fail(f"a test server is required here: {exc}")
+    pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn():  # type: ignore[no-untyped-def]
+    """A throwaway PostgreSQL cluster for the whole run: its DSN (each test should use its own tables or threads)."""
+    from chatkit.testing import ServerUnavailable, postgres_server
+
+    try:
+        cm = postgres_server()
+        server = cm.__enter__()
+    except ServerUnavailable as exc:
+        _unavailable(exc)
+    try:
+        yield server.dsn
+    finally:
+        cm.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def redis_url():  # type: ignore[no-untyped-def]
+    """A throwaway Redis server shared by the whole run (tests use their own key prefixes)."""
+    from chatkit.testing import ServerUnavailable, redis_server
+
+    try:
+        cm = redis_server()
+        server = cm.__enter__()
+    except ServerUnavailable as exc:
+        _unavailable(exc)
+    try:
+        yield server.url
+    finally:
+        cm.__exit__(None, None, None)
+
+
+@pytest.fixture
+def own_redis():  # type: ignore[no-untyped-def]
+    """A Redis server of this test's own (it may be restarted or stopped): the :class:`RedisServer`."""
+    from chatkit.testing import ServerUnavailable, redis_server
+
+    try:
+        cm = redis_server()
+        server = cm.__enter__()
+    except ServerUnavailable as exc:
+        _unavailable(exc)
+    try:
+        yield server
+    finally:
+        cm.__exit__(None, None, None)

@@ -79,4 +79,4 @@ async def test_it_has_the_same_document_surface_as_the_cow_store() -> None:
                "similarity_search_with_score", "asimilarity_search_with_score", "sources", "version", "snapshot"}
     for name in surface:
         assert hasattr(NaiveVectorStore, name) and hasattr(CowVectorStore, name), name
-    assert re.match(r"The naive vector store", __import__("chatkit.naive_store").naive_store.__doc__)
+    assert re.match(r"The naive vector store", __import__("chatkit.store.naive").store.naive.__doc__)

@@ -58,8 +58,8 @@ def test_py_typed_is_shipped() -> None:
 def test_library_never_prints() -> None:
     root = Path(chatkit.__file__).parent
     offenders = [
-        f"{p.name}:{i}"
-        for p in root.glob("*.py")
+        f"{p.relative_to(root)}:{i}"
+        for p in root.rglob("*.py")
         for i, line in enumerate(p.read_text().splitlines(), 1)
         if line.lstrip().startswith("print(")
     ]
@@ -68,12 +68,13 @@ def test_library_never_prints() -> None:
 
 def test_no_pickle_in_library() -> None:
     root = Path(chatkit.__file__).parent
-    offenders = [p.name for p in root.glob("*.py") if "import pickle" in p.read_text()]
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if "import pickle" in p.read_text()]
     assert offenders == []
 
 
 def test_submodules_import_cleanly() -> None:
     root = Path(chatkit.__file__).parent
-    for p in sorted(root.glob("*.py")):
-        if p.stem != "__init__":
-            importlib.import_module(f"chatkit.{p.stem}")
+    for p in sorted(root.rglob("*.py")):
+        parts = p.relative_to(root).with_suffix("").parts
+        name = ".".join(("chatkit", *(parts[:-1] if parts[-1] == "__init__" else parts)))
+        importlib.import_module(name)

@@ -17,7 +17,7 @@ from langchain_core.embeddings import Embeddings
 
 import chatkit
 from chatkit import CowVectorStore, HashEmbeddings, StoreSnapshot, Timeline
-from chatkit.vectorstore import CompactionResult, StoreStatistics
+from chatkit.store import CompactionResult, StoreStatistics
 
 GATE_TIMEOUT = 30  # a safety net for a broken test, never a way to wait for something
 
@@ -513,7 +513,7 @@ async def test_automatic_compaction_keeps_the_segment_count_bounded(mode: str) -
 
 
 async def test_rows_deleted_during_a_merge_stay_deleted(monkeypatch: pytest.MonkeyPatch) -> None:
-    import chatkit._publisher as pub
+    import chatkit.store.publisher as pub
 
     store = make()
     store.add_texts(["a", "b"], ids=["a", "b"])
@@ -534,7 +534,7 @@ async def test_rows_deleted_during_a_merge_stay_deleted(monkeypatch: pytest.Monk
 
 
 def test_background_merge_failure_leaves_the_store_valid(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    import chatkit._publisher as pub
+    import chatkit.store.publisher as pub
 
     def explode(segments: Any, lives: Any) -> Any:
         raise MemoryError("no room")
@@ -588,7 +588,7 @@ def test_vectors_are_normalised_on_the_way_in() -> None:
 
 
 async def test_segments_that_die_or_vanish_during_a_merge_stay_dead(monkeypatch: pytest.MonkeyPatch) -> None:
-    import chatkit._publisher as pub
+    import chatkit.store.publisher as pub
 
     store = make()
     store.add_texts(["a"], ids=["a"])

@@ -160,7 +160,7 @@ class ErrorLog(logging.Handler):
 
 def run_checked(kind: str, scripts: list[list[tuple[Any, ...]]], readers: int, pin_at: int) -> None:
     errors = ErrorLog()
-    logger = logging.getLogger("chatkit.vectorstore")
+    logger = logging.getLogger("chatkit.store")
     logger.addHandler(errors)
     try:
         asyncio.run(scenario(kind, scripts, readers, pin_at))

@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 import pytest
 
-import chatkit._persist as persist
+import chatkit.store.persist as persist
 from chatkit import CowVectorStore, HashEmbeddings
 
 DIM = 32
@@ -185,7 +185,7 @@ CHILD = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    import chatkit._persist as p
+    import chatkit.store.persist as p
     from chatkit import CowVectorStore, HashEmbeddings
 
     directory, point = Path(sys.argv[1]), sys.argv[2]

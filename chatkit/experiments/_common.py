@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..lock import LockEvent
+from ..locks import LockEvent
 from ..timeline import Timeline, TimelineRow, plot_timelines
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..lock import KeyedLock
+from ..locks import KeyedLock
 from ..timeline import Timeline
 from ._common import (
     QUESTIONS,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..lock import KeyedLock
+from ..locks import KeyedLock
 from ..timeline import Timeline
 from ._common import InFlight
 

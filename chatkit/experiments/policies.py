@@ -87,7 +87,7 @@ async def double_texting(policy: str, *, latency: float = 0.06) -> PolicyResult:
     Raises:
         ValueError: an unknown policy or a negative latency.
     """
-    from .._session_types import POLICIES
+    from ..sessions.types import POLICIES
     from ..models import ExtractiveChatModel
     from ..sessions import SessionManager
 
@@ -171,7 +171,7 @@ def _short(content: str, questions: tuple[str, str]) -> str:
 
 async def compare_double_texting(*, latency: float = 0.06, include_naive: bool = True) -> PolicyComparison:
     """Run :func:`double_texting` for every policy (and the naive service first, if ``include_naive``)."""
-    from .._session_types import POLICIES
+    from ..sessions.types import POLICIES
 
     policies = (("no lock",) if include_naive else ()) + tuple(POLICIES)
     return PolicyComparison(tuple([await double_texting(p, latency=latency) for p in policies]))

@@ -76,11 +76,11 @@ async def store_race(*, cow: bool, parts: int = 6, max_searches: int = 500) -> S
     embeddings = HashEmbeddings(dim=128)
     store: Any
     if cow:
-        from ..vectorstore import CowVectorStore
+        from ..store import CowVectorStore
 
         store = CowVectorStore(embeddings, chunk_size=80, chunk_overlap=0, progress=False, timeline=timeline)
     else:
-        from ..naive_store import NaiveVectorStore
+        from ..store import NaiveVectorStore
 
         store = NaiveVectorStore(embeddings, chunk_size=80, chunk_overlap=0, timeline=timeline)
     await store.add_document("other.md", "Another document that nobody edits.\n\nIt has two parts.")

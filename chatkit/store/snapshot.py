@@ -18,13 +18,13 @@ import numpy as np
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 
-from ._labels import caller_label
-from ._records import CHUNK_KEY, SOURCE_KEY, VERSION_KEY, StoreStatistics
-from ._segments import Segment, count_live, is_live
-from ._validate import as_query_vector, check_k, check_lambda, check_positive_int
+from .._labels import caller_label
+from .records import CHUNK_KEY, SOURCE_KEY, VERSION_KEY, StoreStatistics
+from .segments import Segment, count_live, is_live
+from .validate import as_query_vector, check_k, check_lambda, check_positive_int
 
 if TYPE_CHECKING:
-    from .timeline import Timeline
+    from ..timeline import Timeline
 
 __all__ = ["StoreSnapshot", "relevance"]
 

@@ -47,18 +47,18 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph.state import CompiledStateGraph
 
-from ._labels import caller_label
-from ._session_graph import GENERATE, SESSION_KEY, WHO_KEY, build_chat_graph
-from ._session_registry import DONE, WAITING, InFlight, Registry
-from ._session_types import POLICIES, ChatMessage, ChatResult, Policy, SessionStatistics, TurnInterrupted
-from .errors import LockTimeout, SessionBusy, SessionNotFound
-from .lock import KeyedLock, check_seconds
-from .models import ExtractiveChatModel
+from .._labels import caller_label
+from .graph import GENERATE, SESSION_KEY, WHO_KEY, build_chat_graph
+from .registry import DONE, WAITING, InFlight, Registry
+from .types import POLICIES, ChatMessage, ChatResult, Policy, SessionStatistics, TurnInterrupted
+from ..errors import LockTimeout, SessionBusy, SessionNotFound
+from ..locks import KeyedLock, check_seconds
+from ..models import ExtractiveChatModel
 
 if TYPE_CHECKING:
     from langchain_core.vectorstores import VectorStore
 
-    from .timeline import Timeline
+    from ..timeline import Timeline
 
 __all__ = ["SessionManager", "ChatResult", "ChatMessage", "SessionStatistics", "TurnInterrupted"]
 

@@ -19,11 +19,11 @@ import numpy as np
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 
-from ._records import CHUNK_KEY, SOURCE_KEY, VERSION_KEY, DocumentRecord
-from ._validate import as_matrix, as_query_vector, check_content, check_k, check_metadata, check_source, check_store_config
+from .records import CHUNK_KEY, SOURCE_KEY, VERSION_KEY, DocumentRecord
+from .validate import as_matrix, as_query_vector, check_content, check_k, check_metadata, check_source, check_store_config
 
 if TYPE_CHECKING:
-    from .timeline import Timeline
+    from ..timeline import Timeline
 
 __all__ = ["NaiveVectorStore"]
 
@@ -96,7 +96,7 @@ class NaiveVectorStore:
     def embeddings(self) -> Embeddings:
         """The embedding model (the default model is loaded on first access)."""
         if self._embeddings is None:
-            from .embeddings import default_embeddings
+            from ..embeddings import default_embeddings
 
             self._embeddings = default_embeddings()
         return self._embeddings

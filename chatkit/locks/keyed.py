@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any, Literal, TypeVar, overload
 
-from .errors import LockQueueFull, LockTimeout
+from ..errors import LockQueueFull, LockTimeout
 
 __all__ = ["KeyedLock", "LockEvent", "LockStatistics", "KeyStatistics"]
 

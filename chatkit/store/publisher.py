@@ -27,17 +27,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from langchain_core.embeddings import Embeddings
 
-from ._compaction import plan_cap, plan_tiered
-from ._records import CompactionResult
-from ._segments import Segment, is_live, kill_rows, live_rows_mask, merge_segments
-from ._snapshot import StoreSnapshot
+from .compaction import plan_cap, plan_tiered
+from .records import CompactionResult
+from .segments import Segment, is_live, kill_rows, live_rows_mask, merge_segments
+from .snapshot import StoreSnapshot
 
 if TYPE_CHECKING:
-    from .timeline import Timeline
+    from ..timeline import Timeline
 
 __all__ = ["Batch", "Published", "Publisher", "Compaction"]
 
-logger = logging.getLogger("chatkit.vectorstore")
+logger = logging.getLogger(__name__)
 
 Compaction = Literal["background", "inline", "off"]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ._records import CHUNK_KEY, SOURCE_KEY, VERSION_KEY
+from .records import CHUNK_KEY, SOURCE_KEY, VERSION_KEY
 
 __all__ = [
     "check_source",

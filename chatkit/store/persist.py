@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ._segments import Segment, kill_rows, live_rows_mask
+from .segments import Segment, kill_rows, live_rows_mask
 
 __all__ = ["MANIFEST", "FORMAT", "FORMAT_VERSION", "LoadedStore", "save_snapshot", "load_snapshot"]
 

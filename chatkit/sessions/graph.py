@@ -21,12 +21,12 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
-from .models import format_context, last_user_text
+from ..models import format_context, last_user_text
 
 if TYPE_CHECKING:
     from langchain_core.vectorstores import VectorStore
 
-    from .timeline import Timeline
+    from ..timeline import Timeline
 
 __all__ = ["ChatState", "build_chat_graph", "WHO_KEY", "SESSION_KEY", "GENERATE"]
 

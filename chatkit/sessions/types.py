@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from .errors import TurnInterrupted
+from ..errors import TurnInterrupted
 
 __all__ = ["ChatMessage", "ChatResult", "SessionStatistics", "TurnInterrupted", "Policy", "POLICIES"]
 

@@ -32,22 +32,22 @@ from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
-from ._labels import caller_label
-from ._persist import load_snapshot, save_snapshot
-from ._progress import embed_in_batches
-from ._records import CompactionResult, DocumentRecord, StoreStatistics
-from ._publisher import Batch, Compaction, Publisher
-from ._segments import build_index
-from ._snapshot import StoreSnapshot, relevance
-from ._validate import as_matrix, check_content, check_metadata, check_positive_int, check_source, check_store_config
-from .lock import KeyedLock
+from .._labels import caller_label
+from .persist import load_snapshot, save_snapshot
+from .progress import embed_in_batches
+from .records import CompactionResult, DocumentRecord, StoreStatistics
+from .publisher import Batch, Compaction, Publisher
+from .segments import build_index
+from .snapshot import StoreSnapshot, relevance
+from .validate import as_matrix, check_content, check_metadata, check_positive_int, check_source, check_store_config
+from ..locks import KeyedLock
 
 if TYPE_CHECKING:
     from langchain_text_splitters import TextSplitter
 
-    from .timeline import Timeline
+    from ..timeline import Timeline
 
-__all__ = ["CowVectorStore", "StoreSnapshot", "DocumentRecord", "StoreStatistics", "CompactionResult"]
+__all__ = ["CowVectorStore"]
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:
@@ -118,7 +118,7 @@ class CowVectorStore(VectorStore):
         self._splitter: TextSplitter | None = None
         # per-source write order; timeline observers see its wait/hold spans
         self._lock = KeyedLock(observer=None if timeline is None else timeline.observe_lock)
-        # owns the current snapshot; publishes and merges swap it (see chatkit/_publisher.py)
+        # owns the current snapshot; publishes and merges swap it (see chatkit/store/publisher.py)
         self._pub = Publisher(
             embedder=self._embedder,
             compaction=compaction,
@@ -135,7 +135,7 @@ class CowVectorStore(VectorStore):
         if emb is None:
             with self._embeddings_guard:
                 if self._embeddings is None:
-                    from .embeddings import default_embeddings
+                    from ..embeddings import default_embeddings
 
                     self._embeddings = default_embeddings()
                 emb = self._embeddings
@@ -593,7 +593,7 @@ class CowVectorStore(VectorStore):
         loaded = load_snapshot(directory)
         store = cls(embeddings, **kwargs)
         if loaded.dim is not None:
-            from .embeddings import embedding_dimension
+            from ..embeddings import embedding_dimension
 
             have = embedding_dimension(store._embedder())
             if have != loaded.dim:
