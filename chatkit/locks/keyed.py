@@ -468,6 +468,7 @@ class KeyedLock:
             if waited > st.max_wait:
                 st.max_wait = waited
         self._acquisitions += 1
+        req.token = self._acquisitions
         self._total_wait += waited
         if waited > self._max_wait:
             self._max_wait = waited
@@ -545,7 +546,7 @@ class _Request:
 
     # The uncontended path touches only slots (set by KeyedLock.__call__, which skips __init__); the
     # attributes of waiters, re-entries and max_hold live in __dict__, with their defaults on the class.
-    __slots__ = ("lock", "keys", "timeout", "label", "frame", "granted", "t_acquired", "__dict__")
+    __slots__ = ("lock", "keys", "timeout", "label", "frame", "granted", "t_acquired", "token", "__dict__")
     owner: asyncio.Task[Any] | threading.Thread | None = None  # known for waiters, threads and max_hold
     parent: _Request | None = None  # set when this is a re-entry into ``parent``
     depth = 0  # open re-entries into this (holding) request
@@ -563,6 +564,7 @@ class _Request:
     frame: FrameType | None  # who entered: see the class docstring
     granted: bool
     t_acquired: float
+    token: int  # the fencing token: the lock's acquisition count when this request was granted
 
     def __repr__(self) -> str:
         state = "holding" if self.granted else "waiting" if self.frame is not None else "new"
@@ -637,6 +639,7 @@ class _Request:
                     "deadlock. Release it first, or make the lock with KeyedLock(reentrant=True)"
                 )
             self.parent = holders[0]
+            self.token = self.parent.token
             self.parent.depth += 1
             self.granted = True
             self.t_acquired = now
@@ -711,6 +714,7 @@ class _Request:
                     self.granted = True
                     self.t_acquired = lock._clock()
                     lock._acquisitions += 1
+                    self.token = lock._acquisitions
                     return _done_future or _ready()
             finally:
                 guard.release()
