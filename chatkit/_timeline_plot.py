@@ -5,9 +5,10 @@ One lane per request (``who``), in order of first appearance. Lock phases (``wai
 narrow, strong bars drawn on top, so a model call is seen *inside* the lock hold that protects it.
 Instant events are markers: damage (lost, reordered, partial, overwritten, ...) is a red X.
 
-matplotlib and plotly are imported on first use only. Figures are built with
-``matplotlib.figure.Figure`` and an Agg canvas, never through ``pyplot``: no global figure registry,
-no GUI backend, safe in threads and on headless machines.
+matplotlib and plotly (the ``viz`` extra) are imported on first use only, through
+:func:`chatkit._optional.optional_import`. Figures are built with ``matplotlib.figure.Figure`` and an
+Agg canvas (:func:`new_figure`), never through ``pyplot``: no global figure registry, no GUI backend,
+safe in threads and on headless machines.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import html
 import io
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+
+from ._optional import optional_import
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -28,6 +31,7 @@ __all__ = [
     "PHASE_COLOURS",
     "DAMAGE_WORDS",
     "is_damage",
+    "new_figure",
     "plot_rows",
     "plot_many",
     "plot_rows_interactive",
@@ -95,6 +99,19 @@ def _scale(rows: Sequence[TimelineRow]) -> tuple[float, str]:
     return (1000.0, "ms") if last < 2.0 else (1.0, "s")
 
 
+def new_figure(*, figsize: tuple[float, float], feature: str) -> Figure:
+    """A matplotlib ``Figure`` (constrained layout) on its own Agg canvas, without ``pyplot``.
+
+    Raises:
+        ModuleNotFoundError: matplotlib is missing; the message names ``feature`` and ``chatkit[viz]``.
+    """
+    figure = optional_import("matplotlib.figure", extra="viz", feature=feature)
+    agg = optional_import("matplotlib.backends.backend_agg", extra="viz", feature=feature)
+    fig = figure.Figure(figsize=figsize, layout="constrained")
+    agg.FigureCanvasAgg(fig)
+    return fig  # type: ignore[no-any-return]
+
+
 def plot_rows(
     rows: Sequence[TimelineRow],
     *,
@@ -105,12 +122,8 @@ def plot_rows(
 ) -> Figure:
     """Draw ``rows`` as a Gantt chart on ``ax`` (or on a new figure) and return the figure."""
     if ax is None:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         n_lanes = max(1, len(_lanes(rows)))
-        fig = Figure(figsize=(width, 1.2 + 0.55 * n_lanes), layout="constrained")
-        FigureCanvasAgg(fig)
+        fig = new_figure(figsize=(width, 1.2 + 0.55 * n_lanes), feature="Timeline.plot()")
         ax = fig.add_subplot()
     else:
         fig = ax.get_figure()  # type: ignore[assignment]
@@ -125,14 +138,10 @@ def plot_many(
     sharex: bool = True,
 ) -> Figure:
     """One Gantt chart per entry, stacked vertically, sharing the time axis (before/after pictures)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not rows_by_title:
         raise ValueError("plot_many() needs at least one timeline, got an empty mapping")
     heights = [max(1, len(_lanes(rows))) + 1.2 for rows in rows_by_title.values()]
-    fig = Figure(figsize=(width, 0.5 * sum(heights) + 0.4), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(width, 0.5 * sum(heights) + 0.4), feature="plot_timelines()")
     axes = fig.subplots(len(heights), 1, sharex=sharex, squeeze=False, height_ratios=heights)[:, 0]
     for i, (ax, (title, rows)) in enumerate(zip(axes, rows_by_title.items(), strict=True)):
         _draw(ax, rows, title=title, legend=True)
@@ -142,8 +151,8 @@ def plot_many(
 
 
 def _draw(ax: Axes, rows: Sequence[TimelineRow], *, title: str | None, legend: bool) -> None:
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
+    Line2D = optional_import("matplotlib.lines", extra="viz", feature="Timeline.plot()").Line2D
+    Patch = optional_import("matplotlib.patches", extra="viz", feature="Timeline.plot()").Patch
 
     lanes = _lanes(rows)
     lane_y = {who: i for i, who in enumerate(lanes)}
@@ -233,7 +242,7 @@ def _draw(ax: Axes, rows: Sequence[TimelineRow], *, title: str | None, legend: b
 
 def plot_rows_interactive(rows: Sequence[TimelineRow], *, title: str | None = None) -> Any:
     """The same chart as a ``plotly.graph_objects.Figure`` (hover shows key, outcome, detail)."""
-    import plotly.graph_objects as go
+    go = optional_import("plotly.graph_objects", extra="viz", feature="Timeline.plot_interactive()")
 
     lanes = _lanes(rows)
     factor, unit = _scale(rows)

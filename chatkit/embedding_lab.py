@@ -3,7 +3,7 @@ indexing throughput.
 
 Works with any LangChain ``Embeddings`` (the local MiniLM from :func:`chatkit.default_embeddings`, or
 :class:`chatkit.HashEmbeddings` for a fast offline run) and any store with ``similarity_search(query, k)``.
-numpy and matplotlib are imported on first use.
+numpy is imported on first use, matplotlib (the ``viz`` extra) when a chart is drawn.
 
 Example:
     >>> from chatkit import HashEmbeddings
@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from ._timeline_plot import new_figure
 
 if TYPE_CHECKING:
     import numpy as np
@@ -114,15 +116,11 @@ def plot_similarity(matrix: np.ndarray, labels: Sequence[str], *, title: str | N
     Raises:
         ValueError: the matrix is not square or does not match the labels.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] != len(labels):
         raise ValueError(f"need a square matrix matching {len(labels)} labels, got shape {matrix.shape}")
     n = len(labels)
     size = max(4.0, 0.32 * n + 2.5)
-    fig = Figure(figsize=(size + 1.2, size), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(size + 1.2, size), feature="plot_similarity()")
     ax = fig.add_subplot()
     image = ax.imshow(matrix, cmap="viridis", vmin=min(0.0, float(matrix.min())), vmax=1.0)
     ax.set_xticks(range(n), labels=labels, rotation=90, fontsize=7)
@@ -162,11 +160,7 @@ class RetrievalReport:
 
     def plot(self, *, title: str | None = None) -> Figure:
         """Hit rate against k."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(5.5, 3.2), layout="constrained")
-        FigureCanvasAgg(fig)
+        fig = new_figure(figsize=(5.5, 3.2), feature="RetrievalReport.plot()")
         ax = fig.add_subplot()
         ax.plot(self.ks, self.hit_rates, marker="o")
         for k, rate in zip(self.ks, self.hit_rates, strict=True):
@@ -255,13 +249,9 @@ def plot_hit_rates(reports: Mapping[str, RetrievalReport], *, title: str | None 
     Raises:
         ValueError: no reports.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not reports:
         raise ValueError("plot_hit_rates() needs at least one report")
-    fig = Figure(figsize=(6, 3.4), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(6, 3.4), feature="plot_hit_rates()")
     ax = fig.add_subplot()
     for name, report in reports.items():
         ax.plot(report.ks, report.hit_rates, marker="o", label=name)
