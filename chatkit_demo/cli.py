@@ -1,8 +1,11 @@
 """The command line: :func:`parse_args`, :func:`config_from_args`, :func:`serve` and :func:`main`.
 
 :func:`main` is the ``chatkit-demo`` command (a console script of the package); ``demo_app.py`` in a
-checkout uses the same functions. ``--host`` and ``--port`` default to Gradio's own environment variables
-``GRADIO_SERVER_NAME`` and ``GRADIO_SERVER_PORT`` (else 127.0.0.1 and 7860).
+checkout uses the same functions. Defaults come from the environment, so that a run without arguments
+(``gradio demo_app.py`` on a Gradio whose CLI passes none) can be configured too: ``--host`` and
+``--port`` from Gradio's own ``GRADIO_SERVER_NAME`` and ``GRADIO_SERVER_PORT`` (else 127.0.0.1 and 7860),
+``--embeddings``, ``--data`` and ``--latency`` from ``CHATKIT_DEMO_EMBEDDINGS``, ``CHATKIT_DEMO_DATA`` and
+``CHATKIT_DEMO_LATENCY`` (see :meth:`DemoConfig.from_env`). The command line wins.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         (8000, 'hash')
     """
     parser = argparse.ArgumentParser(description="chatkit's multi-user Gradio demo")
+    try:
+        env = DemoConfig.from_env()
+    except ValueError as exc:  # a bad CHATKIT_DEMO_* value
+        parser.error(str(exc))
     env_host = os.environ.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
     env_port = os.environ.get("GRADIO_SERVER_PORT") or str(DEFAULT_PORT)
     parser.add_argument("--host", default=env_host,
@@ -46,11 +53,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--auth", type=_parse_auth, default=None, metavar="USER:PASS", help="require a login")
     parser.add_argument("--model", type=Path, default=None, metavar="DIR",
                         help="a local Hugging Face causal-LM directory (default: the offline extractive model)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, metavar="DIR",
-                        help="knowledge-base directory of .md/.txt files (default: the bundled knowledge base)")
-    parser.add_argument("--embeddings", choices=("minilm", "hash"), default="minilm",
-                        help="minilm: the local all-MiniLM-L6-v2 (default); hash: fast, for smoke tests")
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds the extractive model takes per reply")
+    parser.add_argument("--data", type=Path, default=env.data_dir, metavar="DIR",
+                        help="knowledge-base directory of .md/.txt files (default: $CHATKIT_DEMO_DATA, else the "
+                        f"bundled knowledge base, {DEFAULT_DATA_DIR})")
+    parser.add_argument("--embeddings", choices=("minilm", "hash"), default=env.embeddings,
+                        help="minilm: the local all-MiniLM-L6-v2; hash: fast, for smoke tests "
+                        "(default: $CHATKIT_DEMO_EMBEDDINGS, else minilm)")
+    parser.add_argument("--latency", type=float, default=env.latency,
+                        help="seconds the extractive model takes per reply (default: $CHATKIT_DEMO_LATENCY, else 0)")
     parser.add_argument("--chat-concurrency", type=int, default=CHAT_LIMIT, metavar="N",
                         help=f"chat events running at once across all visitors (default {CHAT_LIMIT}; "
                         "1 = Gradio's default single queue, for comparison)")

@@ -97,8 +97,12 @@ class DemoConfig:
 
     @classmethod
     def from_env(cls) -> DemoConfig:
-        """Defaults, overridden by ``CHATKIT_DEMO_EMBEDDINGS``, ``CHATKIT_DEMO_DATA`` and
-        ``CHATKIT_DEMO_LATENCY`` (used by the module-level ``demo`` and by tests)."""
+        """Defaults, overridden by ``CHATKIT_DEMO_EMBEDDINGS``, ``CHATKIT_DEMO_DATA`` (``-``: none) and
+        ``CHATKIT_DEMO_LATENCY`` (used by the module-level ``demo``, by tests, and as the command line's defaults).
+
+        Raises:
+            ValueError: a value the fields refuse, or a latency that is not a number.
+        """
         kwargs: dict[str, Any] = {}
         if emb := os.environ.get("CHATKIT_DEMO_EMBEDDINGS"):
             kwargs["embeddings"] = emb

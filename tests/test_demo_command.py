@@ -41,6 +41,21 @@ def test_host_and_port_default_to_gradios_environment_variables(monkeypatch: pyt
     assert (args.host, args.port) == ("127.0.0.2", 9000)
 
 
+def test_the_demos_options_default_to_its_environment_variables(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CHATKIT_DEMO_EMBEDDINGS", "hash")
+    monkeypatch.setenv("CHATKIT_DEMO_DATA", str(tmp_path))
+    monkeypatch.setenv("CHATKIT_DEMO_LATENCY", "0.5")
+    args = parse_args([])
+    assert (args.embeddings, args.data, args.latency) == ("hash", tmp_path, 0.5)
+    assert parse_args(["--embeddings", "minilm"]).embeddings == "minilm"  # the command line wins
+    monkeypatch.setenv("CHATKIT_DEMO_LATENCY", "slow")
+    with pytest.raises(SystemExit):
+        parse_args([])
+    assert "could not convert string to float: 'slow'" in capsys.readouterr().err
+
+
 def test_a_bad_port_in_the_environment_is_named(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("GRADIO_SERVER_PORT", "http")
     with pytest.raises(SystemExit) as info:
@@ -72,9 +87,12 @@ def test_gradio_reload_mode_serves_once_on_gradios_port_and_reloads(tmp_path: Pa
         "PYTHONUNBUFFERED": "1",
         "GRADIO_SERVER_NAME": "127.0.0.1",
         "GRADIO_SERVER_PORT": str(port),
+        # options through the environment: Gradio 6.0's CLI passes no arguments to the app (later ones take `--`)
+        "CHATKIT_DEMO_EMBEDDINGS": "hash",
+        "CHATKIT_DEMO_DATA": str(kb),
     }
     gradio = Path(sys.executable).parent / "gradio"
-    argv = [str(gradio), "demo_app.py", "--", "--embeddings", "hash", "--data", str(kb)]
+    argv = [str(gradio), "demo_app.py"]
     with Process(argv, env=env, cwd=app_dir) as lines:
         output = read_until(lines, "chatkit demo running at", timeout=180)
         assert f"chatkit demo running at http://127.0.0.1:{port}/" in output
