@@ -76,6 +76,16 @@ def _closure(requirements: list[str], extras: tuple[str, ...] = ()) -> set[str]:
     return {k.split("[")[0] for k in seen}
 
 
+def _installed(name: str) -> bool:
+    if canonicalize_name(name) == "chatkit":
+        return True
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def test_the_core_pulls_no_heavy_package() -> None:
     core = _closure(PYPROJECT["project"]["dependencies"])
     assert {"langgraph", "langchain-core", "faiss-cpu", "numpy"} <= core
@@ -93,7 +103,11 @@ def test_the_core_pulls_no_heavy_package() -> None:
     ],
 )
 def test_each_extra_brings_what_it_promises(extra: str, brings: set[str], leaves_out: set[str]) -> None:
-    closure = _closure(PYPROJECT["project"]["optional-dependencies"][extra])
+    requirements = PYPROJECT["project"]["optional-dependencies"][extra]
+    missing = [r for r in requirements if not _installed(Requirement(r).name)]
+    if missing:  # the closure walks installed metadata (make install installs every extra)
+        pytest.skip(f"not installed here, so their requirements are unknown: {missing}")
+    closure = _closure(requirements)
     assert brings <= closure and closure.isdisjoint(leaves_out)
 
 
