@@ -19,6 +19,7 @@ import importlib.metadata
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,10 +140,16 @@ class Dist:
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Dist:
     """The sdist, and the wheel built from it, as ``python -m build`` makes them (no isolation: no download)."""
     out = tmp_path_factory.mktemp("dist")
-    done = subprocess.run(
-        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(REPO)],
-        capture_output=True, text=True, timeout=600, check=False,
-    )
+    egg_info = REPO / "chatkit.egg-info"  # setuptools writes it next to the sources while making the sdist
+    existed = egg_info.exists()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(REPO)],
+            capture_output=True, text=True, timeout=600, check=False,
+        )
+    finally:
+        if not existed:
+            shutil.rmtree(egg_info, ignore_errors=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (wheel,) = out.glob("chatkit-*.whl")
     (sdist,) = out.glob("chatkit-*.tar.gz")
