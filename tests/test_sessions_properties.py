@@ -40,7 +40,7 @@ def in_flight(manager: SessionManager) -> int:
 async def run(n_sessions: int, ops: list[Op], order: list[int], yields: list[int]) -> None:
     gates = Gates()
     manager = SessionManager(model=ExtractiveChatModel(latency=gates))
-    sids = [manager.create_session() for _ in range(n_sessions)]
+    sids = [await manager.create_session() for _ in range(n_sessions)]
     texts = [f"session {s} message {i}" for i, (s, _, _) in enumerate(ops)]
 
     async def collect(sid: str, text: str) -> str:
