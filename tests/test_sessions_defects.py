@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import pytest
 
@@ -205,6 +204,27 @@ async def test_a_session_is_readable_while_a_turn_keeps_it_alive_past_the_ttl(fa
     fake_clock.advance(59)
     assert len(await manager.get_history(sid)) == 2
     fake_clock.advance(1)
-    with contextlib.suppress(SessionNotFound):
+    with pytest.raises(SessionNotFound):  # 60 s after its last turn
         await manager.get_history(sid)
-        pytest.fail("the session should have expired 60 s after its last turn")
+
+
+@pytest.mark.parametrize("by", ["the event loop", "a newer message"])
+async def test_a_stream_whose_turn_is_cancelled_before_it_ran_leaves_nothing_in_flight(by: str) -> None:
+    manager = SessionManager()
+    sid = await manager.create_session()
+    reader = asyncio.create_task(anext(manager.stream(sid, "never runs")))
+    await asyncio.sleep(0)  # the consumer was admitted; its turn's task is scheduled but has not run yet
+    (worker,) = [t for t in asyncio.all_tasks() if t.get_name().endswith("(stream)")]
+    if by == "the event loop":
+        worker.cancel()  # its coroutine never starts: no finally of its own runs
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        assert worker.cancelled() and manager.statistics().cancelled == 1
+    else:
+        newer = asyncio.create_task(manager.chat(sid, "newer", policy="rollback"))
+        with pytest.raises(TurnInterrupted):
+            await reader
+        assert (await newer).turn == 1
+        assert manager.statistics().interrupted == 1
+    await until(lambda: not manager.is_busy(sid))
+    assert (await manager.chat(sid, "next")).reply.startswith("Message")

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import re
+import subprocess
+import sys
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
@@ -245,30 +249,35 @@ async def test_custom_state_keys_subgraphs_and_reducers_carry_over_exactly(how: 
 
 
 async def test_a_cancelled_turn_leaves_custom_keys_as_they_were() -> None:
-    gate = asyncio.Event()
-    builder = notes_graph()
+    """The turn is cancelled in its last node, after ``count`` and the subgraph changed every custom key."""
+    entered, gate = asyncio.Event(), asyncio.Event()
 
     async def slow(state: Notes) -> dict[str, Any]:
+        entered.set()
         await gate.wait()
         return {"log": ["slow"]}
 
-    builder.add_node("slow", slow)
-    builder.edges.discard(("reply", END))
-    builder.add_edge("reply", "slow")
-    manager = SessionManager(graph=builder)
+    def graph() -> StateGraph:
+        builder = notes_graph()
+        builder.add_node("slow", slow)
+        builder.add_edge("reply", "slow")  # reply -> END and reply -> slow: slow runs after the reply
+        return builder
+
+    manager = SessionManager(graph=graph)
     sid = await manager.create_session()
     gate.set()
     await manager.chat(sid, "a")
     before = (await manager.graph.aget_state({"configurable": {"thread_id": sid}})).values
     gate.clear()
+    entered.clear()
     task = asyncio.create_task(manager.chat(sid, "b"))
-    await until(lambda: manager.statistics().running == 1)
-    await asyncio.sleep(0)
+    await entered.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     after = (await manager.graph.aget_state({"configurable": {"thread_id": sid}})).values
     assert after == before
+    assert before["turns"] == 1 and before["log"] == ["turn 1: a", "slow"]
 
 
 async def test_a_graph_that_stops_at_interrupt_saves_nothing() -> None:
@@ -529,3 +538,12 @@ async def test_the_default_lock_is_a_new_keyed_lock_and_tokens_are_stored() -> N
     assert isinstance(head.metadata["chatkit_fence"], int)
     assert [m.type for m in head.checkpoint["channel_values"]["messages"]] == ["human", "ai"]
     assert not any(isinstance(m, ToolMessage) for m in head.checkpoint["channel_values"]["messages"])
+
+
+def test_the_readme_agent_example_prints_what_the_readme_says() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("### Your own graph: a tool-calling agent")
+    section = readme[start : readme.index("\n### ", start + 10)]
+    code, expected = re.findall(r"```(?:python)?\n(.*?)```", section, flags=re.S)[:2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout == expected

@@ -3,9 +3,9 @@
 
 The state keeps the conversation (``messages``, merged by id with ``add_messages``; each message stored by
 :class:`~chatkit.SessionManager` carries when it was written in ``response_metadata["chatkit_timestamp"]``)
-and the chunks retrieved for the current turn (``context``). The
-context reaches the model as a system message built by :func:`chatkit.models.format_context`, put in front
-of the conversation for that one call and never stored.
+and the chunks retrieved for the latest turn (``context``, replaced by each turn). They reach the model as
+a system message built by :func:`chatkit.models.format_context`, put in front of the conversation for that
+one call; the system message itself is never stored.
 """
 
 from __future__ import annotations

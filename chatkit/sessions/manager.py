@@ -45,9 +45,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -63,7 +61,8 @@ from ..errors import LockTimeout, SessionBusy, SessionNotFound
 from ..locks import AsyncKeyLock, KeyedLock, check_seconds
 from ..models import ExtractiveChatModel
 from .graph import SESSION_KEY, WHO_KEY, build_chat_graph, check_graph
-from .registry import DONE, WAITING, InFlight, Registry
+from .queue import CLEANUP, COMMITTING, RUNNING, ChunkBuffer, Entry, TurnQueue
+from .registry import DONE, WAITING, Registry
 from .sandbox import TurnSandbox, TurnWrite, initial_write, kept_message_write, revert_write
 from .threads import LAST_USED_KEY, MARK, MARK_KEY, ThreadStore, last_used_of, thread_config
 from .types import POLICIES, ChatMessage, ChatResult, Policy, SessionStatistics, TurnInterrupted
@@ -81,9 +80,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Entry states. A turn may be superseded (cancelled by a newer message) only while WAITING or RUNNING.
-RUNNING, COMMITTING, CLEANUP = "running", "committing", "cleanup"  # and WAITING, DONE
-
 _CHECKPOINT_FORMAT = 4  # langgraph's checkpoint format version whose channel_values we read directly
 TIMESTAMP_KEY = "chatkit_timestamp"  # in a stored message's response_metadata: when it was written (epoch s)
 
@@ -100,61 +96,6 @@ _SYNC_ONLY = {
 }
 
 
-class _ChunkBuffer:
-    """A stream's reply chunks, buffered between its worker (the turn) and its consumer (one event loop)."""
-
-    __slots__ = ("chunks", "closed", "changed")
-
-    def __init__(self) -> None:
-        self.chunks: deque[str] = deque()
-        self.closed = False
-        self.changed = asyncio.Event()
-
-    def put(self, text: str) -> None:
-        self.chunks.append(text)
-        self.changed.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self.changed.set()
-
-    async def get(self) -> str | None:
-        """The next chunk; ``None`` once the turn has ended and every chunk was read."""
-        while not self.chunks:
-            if self.closed:
-                return None
-            self.changed.clear()
-            await self.changed.wait()
-        return self.chunks.popleft()
-
-
-@dataclass(slots=True, eq=False)
-class _Entry:
-    """One turn (or deletion) in flight: what it asks, who runs it, and how far it got."""
-
-    kind: str  # "turn" or "delete"
-    session_id: str
-    who: str
-    task: asyncio.Task[Any] | None  # the task to cancel to supersede it (a stream's worker)
-    loop: asyncio.AbstractEventLoop
-    t0: float  # perf_counter at arrival
-    admitted: float  # the manager's clock at arrival
-    text: str = ""
-    create_if_missing: bool = False
-    config: RunnableConfig | None = None
-    buffer: _ChunkBuffer | None = None
-    live: InFlight | None = None
-    state: str = WAITING
-    joining: bool = False  # about to join the lock's queue
-    acquired: bool = False
-    wake: asyncio.Future[None] | None = None  # set while waiting for an earlier entry to join the lock
-    superseded: str | None = None  # the policy that cancelled it
-    kept_message: bool = False
-    committed: bool = False
-    waited: float = 0.0
-    lock_timed_out: bool = False
-
-
 def _stamped(message: Any, now: float) -> Any:
     """A shallow copy of ``message`` with ``now`` in its ``response_metadata``."""
     return message.model_copy(update={"response_metadata": {**message.response_metadata, TIMESTAMP_KEY: now}})
@@ -169,11 +110,6 @@ async def _finish_uncancellable(task: asyncio.Future[Any]) -> bool:
         except asyncio.CancelledError:
             cancelled = True
     return cancelled
-
-
-def _set_result(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -341,9 +277,6 @@ class SessionManager:
         elif timeline is not None:
             lock.add_observer(timeline.observe_lock)
         self._lock: AsyncKeyLock = lock
-        # KeyedLock joins its queue in the first step of the awaiting task: a later turn on the same event
-        # loop may follow as soon as the earlier one starts to wait. Other locks (or loops): once it holds.
-        self._early_join = isinstance(lock, KeyedLock)
         # The sessions' threads live in `checkpointer`; `graph` is the graph compiled with it (for
         # inspection: aget_state, aget_state_history). A turn runs `_runner` on a TurnSandbox.
         self._graph: CompiledStateGraph = builder.compile(checkpointer=checkpointer)
@@ -358,6 +291,9 @@ class SessionManager:
         self._registry = Registry(ttl=self._ttl, max_sessions=self._max_sessions)
         self._guard = self._registry.guard
         self._counts = self._registry.counts
+        # KeyedLock joins its queue in the first step of the awaiting task: a later turn on the same event
+        # loop may follow as soon as the earlier one starts to wait. Other locks (or loops): once it holds.
+        self._queue = TurnQueue(self._guard, early_join=isinstance(lock, KeyedLock))
         self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ properties and introspection
@@ -568,7 +504,7 @@ class SessionManager:
         sid = check_session_id(session_id)
         self._check_not_own_turn(sid, "delete_session")
         entry = self._enter(
-            _Entry("delete", sid, caller_label(), asyncio.current_task(), asyncio.get_running_loop(),
+            Entry("delete", sid, caller_label(), asyncio.current_task(), asyncio.get_running_loop(),
                    time.perf_counter(), self._clock())
         )
         try:
@@ -624,9 +560,7 @@ class SessionManager:
         last_used = last_used_of(saved)
         now = self._clock()
         with self._guard:
-            alive = self._registry.is_alive(session_id, last_used, now)
-            if alive:
-                self._registry.learn(session_id, last_used)
+            if self._registry.is_alive(session_id, last_used, now):
                 return True
             buried = self._registry.bury(session_id, last_used)
         if buried:
@@ -707,17 +641,21 @@ class SessionManager:
         Raises:
             The same exceptions as :meth:`chat`, from the iteration.
         """
-        buffer = _ChunkBuffer()
+        buffer = ChunkBuffer()
         entry = self._admit(session_id, message, policy, create_if_missing, config, buffer)
         worker = entry.loop.create_task(self._stream_worker(entry), name=f"{entry.who} (stream)")
         with self._guard:
             entry.task = worker
+        worker.add_done_callback(lambda _: self._stream_done(entry))
         try:
             while True:
                 chunk = await buffer.get()
                 if chunk is None:
                     break
                 yield chunk
+            if worker.cancelled() and entry.superseded is not None:  # cancelled before it ever ran
+                self._mark_interrupted(entry)
+                raise TurnInterrupted(entry.session_id, entry.superseded, kept_message=entry.kept_message)
             worker.result()  # raises what the turn raised
         finally:
             if not worker.done():
@@ -726,7 +664,14 @@ class SessionManager:
             if not worker.cancelled():
                 worker.exception()  # retrieved: no "exception was never retrieved" noise
 
-    async def _stream_worker(self, entry: _Entry) -> ChatResult:
+    def _stream_done(self, entry: Entry) -> None:
+        """A stream's worker ended: if it was cancelled before it ever ran, its bookkeeping is done here."""
+        if entry.state != DONE:
+            self._finish(entry, asyncio.CancelledError())
+        assert entry.buffer is not None
+        entry.buffer.close()
+
+    async def _stream_worker(self, entry: Entry) -> ChatResult:
         error: BaseException | None = None
         try:
             with self._span(entry):
@@ -746,8 +691,6 @@ class SessionManager:
             raise
         finally:
             self._finish(entry, error)
-            assert entry.buffer is not None
-            entry.buffer.close()
 
     # ------------------------------------------------------------------ admission and the session's queue
 
@@ -766,7 +709,7 @@ class SessionManager:
                 "the next message after the turn has returned"
             )
 
-    def _lock_timeout_error(self, entry: _Entry, exc: LockTimeout) -> LockTimeout:
+    def _lock_timeout_error(self, entry: Entry, exc: LockTimeout) -> LockTimeout:
         what = "sending your message" if entry.kind == "turn" else "deleting it"
         return LockTimeout(
             f"session {entry.session_id!r} stayed busy answering earlier messages for {exc.waited:.3g} s, longer "
@@ -782,8 +725,8 @@ class SessionManager:
         policy: Policy | None,
         create_if_missing: bool,
         config: RunnableConfig | None,
-        buffer: _ChunkBuffer | None,
-    ) -> _Entry:
+        buffer: ChunkBuffer | None,
+    ) -> Entry:
         """Validate and register a turn, apply its policy. Synchronous: nothing may overtake it meanwhile."""
         t0 = time.perf_counter()
         self._check_open()
@@ -795,7 +738,7 @@ class SessionManager:
             raise TypeError(f"create_if_missing must be True or False, got {create_if_missing!r}")
         self._check_not_own_turn(sid, "chat" if buffer is None else "stream")
         loop = asyncio.get_running_loop()
-        entry = _Entry(
+        entry = Entry(
             "turn", sid, caller_label(), None if buffer is not None else asyncio.current_task(), loop, t0,
             self._clock(), text, create_if_missing, run_config, buffer,
         )
@@ -815,7 +758,7 @@ class SessionManager:
             self._supersede(victim, policy)  # type: ignore[arg-type]
         return entry
 
-    def _enter(self, entry: _Entry) -> _Entry:
+    def _enter(self, entry: Entry) -> Entry:
         """Register a deletion in its session's queue."""
         with self._guard:
             live = self._registry.in_flight(entry.session_id)
@@ -823,73 +766,7 @@ class SessionManager:
             entry.live = live
         return entry
 
-    def _may_join(self, entry: _Entry) -> bool:
-        """Guard held: whether every earlier entry of the session has joined the lock's queue."""
-        assert entry.live is not None
-        for other in entry.live.entries:
-            if other is entry:
-                return True
-            if other.acquired or (other.joining and self._early_join and other.loop is entry.loop):
-                continue
-            return False
-        return True
-
-    async def _wait_for_turn(self, entry: _Entry, deadline: float | None) -> None:
-        """Wait until ``entry`` may join the lock's queue (until ``deadline``, on the loop's clock)."""
-        loop = entry.loop
-        while True:
-            with self._guard:
-                if self._may_join(entry):
-                    return
-                fut = entry.wake = loop.create_future()
-            try:
-                if deadline is None:
-                    await fut
-                else:
-                    async with asyncio.timeout_at(deadline):
-                        await fut
-            except TimeoutError:
-                waited = time.perf_counter() - entry.t0
-                raise LockTimeout(
-                    f"gave up waiting for {entry.session_id!r} after {waited:.3g} s", keys=(entry.session_id,), waited=waited
-                ) from None
-            finally:
-                with self._guard:
-                    entry.wake = None
-
-    def _progress(self, entry: _Entry, *, joining: bool = False, acquired: bool = False) -> None:
-        """``entry`` starts to join the lock's queue, or holds the lock: wake the session's waiting entries."""
-        with self._guard:
-            entry.joining = entry.joining or joining
-            if acquired:
-                entry.acquired = True
-                entry.state = RUNNING
-            live = entry.live
-        if live is not None:
-            self._wake(live)
-
-    def _wake(self, live: InFlight) -> None:
-        """Tell every entry waiting in ``live`` to look again (guard NOT held)."""
-        with self._guard:
-            waiting = [e for e in live.entries if e.wake is not None]
-        running = _running_loop()
-        for entry in waiting:
-            fut = entry.wake
-            if fut is None:
-                continue
-            try:
-                if entry.loop is running:
-                    _set_result(fut)
-                else:
-                    entry.loop.call_soon_threadsafe(_set_result, fut)
-            except RuntimeError:  # its event loop is closed: that caller is gone for good
-                with self._guard:
-                    if entry in live.entries:
-                        live.entries.remove(entry)
-                self._wake(live)
-                return
-
-    async def _execute(self, entry: _Entry, body: Callable[[int | None], Awaitable[T]]) -> T:
+    async def _execute(self, entry: Entry, body: Callable[[int | None], Awaitable[T]]) -> T:
         """Run ``body(fencing token)`` holding the session's lock (or without it, with ``locking=False``)."""
         if not self._locking:
             with self._guard:
@@ -898,12 +775,12 @@ class SessionManager:
         loop = entry.loop
         deadline = None if self._lock_timeout is None else loop.time() + self._lock_timeout
         try:
-            await self._wait_for_turn(entry, deadline)
+            await self._queue.wait(entry, deadline)
             timeout = None if deadline is None else max(deadline - loop.time(), 1e-6)
             request = self._lock(entry.session_id, timeout=timeout, label=entry.who)
-            self._progress(entry, joining=True)
+            self._queue.progress(entry, joining=True)
             async with request:
-                self._progress(entry, acquired=True)
+                self._queue.progress(entry, acquired=True)
                 entry.waited = time.perf_counter() - entry.t0
                 return await body(request.token)
         except LockTimeout as exc:
@@ -912,16 +789,16 @@ class SessionManager:
             entry.lock_timed_out = True
             raise self._lock_timeout_error(entry, exc) from exc
 
-    def _span(self, entry: _Entry) -> contextlib.AbstractContextManager[None]:
+    def _span(self, entry: Entry) -> contextlib.AbstractContextManager[None]:
         if self._timeline is None:
             return contextlib.nullcontext()
         return self._timeline.span("turn", who=entry.who, key=entry.session_id)
 
-    def _mark_interrupted(self, entry: _Entry) -> None:
+    def _mark_interrupted(self, entry: Entry) -> None:
         if self._timeline is not None:
             self._timeline.mark("interrupted", who=entry.who, key=entry.session_id, detail=f"policy {entry.superseded}")
 
-    def _superseded_error(self, entry: _Entry, task: asyncio.Task[Any]) -> TurnInterrupted | None:
+    def _superseded_error(self, entry: Entry, task: asyncio.Task[Any]) -> TurnInterrupted | None:
         """For a CancelledError in ``task``: the TurnInterrupted to raise instead, if a newer message caused it
         and nothing else cancelled the task too."""
         if entry.superseded is None:
@@ -931,7 +808,7 @@ class SessionManager:
             return None
         return TurnInterrupted(entry.session_id, entry.superseded, kept_message=entry.kept_message)
 
-    def _finish(self, entry: _Entry, error: BaseException | None) -> None:
+    def _finish(self, entry: Entry, error: BaseException | None) -> None:
         """Bookkeeping when an entry ends, however it ends."""
         if entry.kind != "turn":
             outcome = None
@@ -954,9 +831,9 @@ class SessionManager:
             if outcome is not None:
                 self._counts[outcome] += 1
         if live is not None:
-            self._wake(live)
+            self._queue.wake(live)
 
-    def _supersede(self, victim: _Entry, policy: str) -> None:
+    def _supersede(self, victim: Entry, policy: str) -> None:
         """Cancel ``victim`` on behalf of a newer message, on the victim's own event loop."""
         if victim.loop is _running_loop():
             self._deliver_cancel(victim, policy)
@@ -964,7 +841,7 @@ class SessionManager:
         with contextlib.suppress(RuntimeError):  # the victim's loop is closed: nothing to cancel
             victim.loop.call_soon_threadsafe(self._deliver_cancel, victim, policy)
 
-    def _deliver_cancel(self, victim: _Entry, policy: str) -> None:
+    def _deliver_cancel(self, victim: Entry, policy: str) -> None:
         # Runs on the victim's loop, while the victim is suspended: if it is still waiting or running,
         # the CancelledError lands at the await it is suspended in.
         with self._guard:
@@ -977,7 +854,7 @@ class SessionManager:
 
     # ------------------------------------------------------------------ the turn
 
-    async def _run_turn(self, entry: _Entry, token: int | None) -> ChatResult:
+    async def _run_turn(self, entry: Entry, token: int | None) -> ChatResult:
         """The turn, holding the session's lock (or not, with ``locking=False``)."""
         sid = entry.session_id
         with self._guard:
@@ -1036,7 +913,7 @@ class SessionManager:
             elapsed=time.perf_counter() - entry.t0,
         )
 
-    async def _open_session(self, entry: _Entry, token: int | None) -> CheckpointTuple:
+    async def _open_session(self, entry: Entry, token: int | None) -> CheckpointTuple:
         """The session's latest checkpoint; a new session's first one with ``create_if_missing``.
 
         Raises:
@@ -1048,7 +925,6 @@ class SessionManager:
             last_used = last_used_of(start)
             with self._guard:
                 if not self._gone_at(sid, last_used, entry.admitted):
-                    self._registry.learn(sid, last_used)
                     return start
                 self._registry.bury(sid, last_used)
             if self._locking:
@@ -1070,7 +946,7 @@ class SessionManager:
         config["configurable"]["checkpoint_id"] = checkpoint_id
         return CheckpointTuple(config, write.checkpoint, write.metadata, None, [])
 
-    def _run_config(self, entry: _Entry) -> RunnableConfig:
+    def _run_config(self, entry: Entry) -> RunnableConfig:
         given = entry.config or {}
         configurable = {
             **(given.get("configurable") or {}),
@@ -1081,7 +957,7 @@ class SessionManager:
         config: RunnableConfig = {"run_name": "chatkit turn", **given, "configurable": configurable}  # type: ignore[typeddict-item]
         return config
 
-    async def _compute(self, entry: _Entry, start: CheckpointTuple, user: HumanMessage) -> TurnWrite:
+    async def _compute(self, entry: Entry, start: CheckpointTuple, user: HumanMessage) -> TurnWrite:
         """Run the graph from ``start`` with the user message, writing nothing; return the state to commit."""
         sandbox = TurnSandbox(self._checkpointer, start)
         runner = self._runner.copy(update={"checkpointer": sandbox})
@@ -1142,7 +1018,7 @@ class SessionManager:
         return reply.text, turn_number, sources
 
     async def _keep_user_message(
-        self, entry: _Entry, start: CheckpointTuple | None, user: HumanMessage, token: int | None
+        self, entry: Entry, start: CheckpointTuple | None, user: HumanMessage, token: int | None
     ) -> None:
         """Policy ``interrupt``: commit the superseded turn's user message alone (shielded)."""
         with self._guard:
@@ -1166,7 +1042,7 @@ class SessionManager:
         else:
             logger.error("could not keep the interrupted message on session %r", sid)
 
-    async def _revert(self, entry: _Entry, start: CheckpointTuple, committed: TurnWrite, token: int | None) -> None:
+    async def _revert(self, entry: Entry, start: CheckpointTuple, committed: TurnWrite, token: int | None) -> None:
         """Put the pre-turn state back on top of a commit whose caller went away (shielded)."""
         sid = entry.session_id
         undo = revert_write(start, committed, self._checkpointer, self._metadata(last_used_of(start)))
@@ -1183,7 +1059,7 @@ class SessionManager:
         except Exception:
             logger.exception("could not prune the old checkpoints of session %r", session_id)
 
-    async def _run_delete(self, entry: _Entry) -> None:
+    async def _run_delete(self, entry: Entry) -> None:
         sid = entry.session_id
         saved = await self._threads.read(sid)
         if saved is not None:

@@ -29,12 +29,11 @@ logger = logging.getLogger(__name__)
 def _saver_kind(saver: BaseCheckpointSaver) -> str:
     if isinstance(saver, InMemorySaver):
         return "memory"
-    module = type(saver).__module__
-    names = {c.__name__ for c in type(saver).__mro__}
-    if "AsyncSqliteSaver" in names and module.startswith("langgraph.checkpoint.sqlite"):
-        return "sqlite"
-    if "AsyncPostgresSaver" in names and module.startswith("langgraph.checkpoint.postgres"):
-        return "postgres"
+    for cls in type(saver).__mro__:  # by name: neither package needs to be installed
+        if cls.__name__ == "AsyncSqliteSaver" and cls.__module__.startswith("langgraph.checkpoint.sqlite"):
+            return "sqlite"
+        if cls.__name__ == "AsyncPostgresSaver" and cls.__module__.startswith("langgraph.checkpoint.postgres"):
+            return "postgres"
     if type(saver).aprune is not BaseCheckpointSaver.aprune:
         return "aprune"
     return "none"

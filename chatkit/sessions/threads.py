@@ -17,12 +17,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple, get_checkpoint_id
 
-from .pruning import prune_thread
+from .pruning import can_prune, prune_thread
 from .sandbox import TurnWrite
 
 __all__ = ["ThreadStore", "SessionHead", "MARK_KEY", "MARK", "LAST_USED_KEY", "FENCE_KEY"]
@@ -83,6 +82,8 @@ class ThreadStore:
     def __init__(self, saver: BaseCheckpointSaver, *, keep: int | None) -> None:
         self.saver = saver
         self.keep = keep
+        if keep is not None and not can_prune(saver):
+            logger.info("%s cannot delete old checkpoints: sessions keep all of theirs", type(saver).__name__)
 
     def __repr__(self) -> str:
         return f"<ThreadStore saver={type(self.saver).__name__} keep={self.keep}>"

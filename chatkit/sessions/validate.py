@@ -5,6 +5,7 @@ Each check raises before anything changes, with an exception that names the offe
 
 from __future__ import annotations
 
+import inspect
 import re
 import unicodedata
 from collections.abc import Mapping
@@ -79,8 +80,12 @@ def check_session_id(session_id: object) -> str:
     """``session_id`` if it is well formed (see :data:`SESSION_ID`).
 
     Raises:
+        TypeError: a coroutine (``create_session()`` without ``await``).
         SessionNotFound: a malformed id (no session can have it).
     """
+    if inspect.iscoroutine(session_id):
+        session_id.close()
+        raise TypeError(f"session_id is a coroutine ({session_id!r:.60}); did you forget to await create_session()?")
     if not isinstance(session_id, str) or SESSION_ID.fullmatch(session_id) is None:
         raise SessionNotFound(session_id)
     return session_id
