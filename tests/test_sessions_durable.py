@@ -213,25 +213,25 @@ async def test_pruning_keeps_a_revert_possible() -> None:
 # ---------------------------------------------------------------- lifecycle
 
 
-def test_async_with_finishes_background_purges_before_the_loop_ends(fake_clock: FakeClock) -> None:
-    saver = InMemorySaver()
+def test_async_with_finishes_background_purges_before_the_loop_ends(reopen: SaverFactory, fake_clock: FakeClock) -> None:
     threads_before = set(threading.enumerate())
-    manager = SessionManager(checkpointer=saver, session_ttl=60, clock=fake_clock)
+    managers: list[SessionManager] = []
 
     async def main() -> None:
-        async with manager:
-            expired = [await manager.create_session() for _ in range(3)]
-            fake_clock.advance(61)
-            await manager.create_session()  # notices the expired ones: their threads are deleted in the background
-            assert {t.get_name() for t in asyncio.all_tasks()} >= {"chatkit session expiry"}
-        assert {t for t in asyncio.all_tasks() if t is not asyncio.current_task()} == set()
-        for sid in expired:
-            assert await saver.aget_tuple({"configurable": {"thread_id": sid}}) is None
+        async with reopen() as saver:
+            async with SessionManager(checkpointer=saver, session_ttl=60, clock=fake_clock) as manager:
+                managers.append(manager)
+                expired = [await manager.create_session() for _ in range(3)]
+                fake_clock.advance(61)
+                await manager.create_session()  # notices the expired ones: deletes their threads in the background
+                assert "chatkit session expiry" in {t.get_name() for t in asyncio.all_tasks()}
+            assert {t for t in asyncio.all_tasks() if t is not asyncio.current_task()} == set()
+            for sid in expired:
+                assert await saver.aget_tuple({"configurable": {"thread_id": sid}}) is None
 
     asyncio.run(main())
-    assert set(threading.enumerate()) == threads_before
-    assert manager.closed
-    assert repr(manager).endswith(" closed>")
+    assert set(threading.enumerate()) == threads_before  # no saver thread, no task left behind
+    assert managers[0].closed and repr(managers[0]).endswith(" closed>")
 
 
 def test_sync_with_and_close_finish_purges_whose_loop_ended(fake_clock: FakeClock) -> None:

@@ -658,11 +658,14 @@ class SessionManager:
                 raise TurnInterrupted(entry.session_id, entry.superseded, kept_message=entry.kept_message)
             worker.result()  # raises what the turn raised
         finally:
+            cancelled_again = False
             if not worker.done():
                 worker.cancel()  # the consumer stopped early or was cancelled: the turn is cancelled
-                await _finish_uncancellable(worker)  # its cleanup runs to the end
+                cancelled_again = await _finish_uncancellable(worker)  # its cleanup runs to the end
             if not worker.cancelled():
                 worker.exception()  # retrieved: no "exception was never retrieved" noise
+            if cancelled_again:
+                raise asyncio.CancelledError
 
     def _stream_done(self, entry: Entry) -> None:
         """A stream's worker ended: if it was cancelled before it ever ran, its bookkeeping is done here."""
@@ -1069,7 +1072,10 @@ class SessionManager:
                 if gone:
                     self._registry.bury(sid, last_used)
             if gone:
-                await self._purge_locked(sid) if self._locking else self._purge_in_background()
+                if self._locking:
+                    await self._purge_locked(sid)
+                else:
+                    self._purge_in_background()
                 saved = None
         if saved is None:
             raise SessionNotFound(sid)
