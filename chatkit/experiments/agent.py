@@ -122,8 +122,7 @@ class FakeToolCallingModel(GenericFakeChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         message = self._reply(messages, kwargs.get("tools") or ())
-        if not message.tool_calls:
-            self.messages = iter([message])
+        if not message.tool_calls:  # GenericFakeChatModel streams it word by word (it asks _generate again)
             yield from super()._stream(messages, stop, run_manager, **kwargs)
             return
         chunks = [

@@ -174,7 +174,8 @@ class SessionManager:
         session_ttl: sessions idle this many seconds (since their last saved turn) expire (``None``: never).
         max_sessions: beyond this many sessions, the least recently used idle ones expire.
         keep_checkpoints: the newest checkpoints kept per session after each turn (older ones are deleted,
-            so storage grows linearly with a session's length); ``None`` keeps all. Savers other than
+            so storage grows linearly with a session's length); ``None`` keeps all, and so does the naive
+            service (``locking=False``: nothing orders its writes). Savers other than
             ``InMemorySaver``, ``AsyncSqliteSaver`` and ``AsyncPostgresSaver`` are pruned with their own
             ``aprune`` (keep_latest) if they have one, else not at all.
         retrieve_k: how many chunks the built-in graph retrieves per turn (default 4).
@@ -904,9 +905,10 @@ class SessionManager:
         entry.committed = True
         with self._guard:
             self._registry.learn(sid, write.metadata[LAST_USED_KEY])  # type: ignore[typeddict-item]
-        prune = asyncio.ensure_future(self._prune(sid))
-        if await _finish_uncancellable(prune):
-            raise asyncio.CancelledError  # after the commit: the turn stays
+        if self._locking:  # pruning deletes stored values no kept checkpoint refers to: only under the lock
+            prune = asyncio.ensure_future(self._prune(sid))
+            if await _finish_uncancellable(prune):
+                raise asyncio.CancelledError  # after the commit: the turn stays
         return ChatResult(
             reply=reply,
             session_id=sid,
