@@ -65,8 +65,7 @@ class TurnWrite:
 
 def _fresh(checkpoint: Checkpoint) -> Checkpoint:
     """``checkpoint`` with a new id and time: ids are time-ordered, so it becomes the thread's newest."""
-    step = 0
-    checkpoint["id"] = str(uuid6(clock_seq=step))
+    checkpoint["id"] = str(uuid6(clock_seq=0))
     checkpoint["ts"] = datetime.now(UTC).isoformat()
     return checkpoint
 
