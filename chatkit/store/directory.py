@@ -347,7 +347,8 @@ def _owner(fd: int) -> None:
     """filelock's ``on_acquired``: note who holds the lock, for the error message of the next writer."""
     note = f"pid {os.getpid()} on {socket.gethostname()}\n".encode()
     os.ftruncate(fd, 0)
-    os.pwrite(fd, note, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, note)
 
 
 class DirectoryWriter:

@@ -618,7 +618,6 @@ class CowVectorStore(VectorStore):
             (['r'], True)
             >>> [d.id for d in reader.similarity_search("shipping", k=4)]
             ['s']
-            >>> writer._release_directory()
         """
         retention = Retention(keep_versions=keep_versions, keep_seconds=keep_seconds)
         store = cls(embeddings, **kwargs)
