@@ -115,6 +115,7 @@ def reader(directory: Path) -> None:
     and that a snapshot taken before a refresh still answers from its own version."""
     from chatkit import CowVectorStore, HashEmbeddings
 
+    os.nice(10)  # readers spin; let the writers (whose progress the test waits for) have the CPU first
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
 

@@ -37,6 +37,7 @@ not taken and retention alone protects readers.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -54,6 +55,7 @@ import numpy as np
 from ..errors import DirectoryLocked
 from . import files
 from .persist import (
+    FORMAT,
     Manifest,
     SegmentEntry,
     dead_rows,
@@ -166,14 +168,17 @@ class LoadedVersion:
 
     @property
     def generation(self) -> int:
+        """The version's number in the directory."""
         return self.manifest.generation
 
     @property
     def version(self) -> int:
+        """The store version it holds."""
         return self.manifest.version
 
     @property
     def dim(self) -> int | None:
+        """The vector dimension (``None``: nothing was ever added)."""
         return self.manifest.dim
 
     def reusable(self) -> dict[str, Reusable]:
@@ -447,6 +452,7 @@ class DirectoryWriter:
 
     @property
     def retention(self) -> Retention:
+        """Which superseded versions this writer keeps."""
         return self._retention
 
     @property
@@ -509,13 +515,11 @@ class DirectoryWriter:
 
     @staticmethod
     def _is_ours(path: Path) -> bool:
-        import json
-
         try:
             data = json.loads(path.read_bytes())
         except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             return False
-        return isinstance(data, dict) and data.get("format") == "chatkit.CowVectorStore"
+        return isinstance(data, dict) and data.get("format") == FORMAT
 
     def load(self) -> LoadedVersion | None:
         """Read the newest version, checked (``None``: the directory holds none).

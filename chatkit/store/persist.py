@@ -35,6 +35,8 @@ __all__ = [
     "FORMAT_VERSION",
     "LEGACY_MANIFEST",
     "MAX_NESTING",
+    "nesting",
+    "too_deep",
     "SegmentEntry",
     "Manifest",
     "manifest_name",
@@ -86,10 +88,12 @@ class SegmentEntry:
 
     @property
     def index_name(self) -> str:
+        """The faiss file's name."""
         return f"seg-{self.uid}.faiss"
 
     @property
     def rows_name(self) -> str:
+        """The rows file's name."""
         return f"seg-{self.uid}.json"
 
 
