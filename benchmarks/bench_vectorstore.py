@@ -13,6 +13,8 @@ model. The throughput part uses the real local model on the chunks of ``data/*.m
    an instant model (a writer that is nothing but CPU-bound Python) is shown as the worst case.
 4. indexing throughput (chunks/s) with the real model vs ``SentenceTransformer.encode`` on the same
    chunks: >= 0.9x (all files in one call vs one encode call; file by file vs encode file by file).
+5. persistence at 100k x 128 (the issue's case): a save after a 1-row change vs the first (full) save of
+   the same store: a small fraction (<= 0.1x); loading the directory; a reader's refresh after a 1-row save.
 
 Each figure is a median (or p95) over many calls, interleaved with its baseline where that is possible,
 because the machine is shared and noisy. faiss runs every search (ours and the baselines) on
@@ -42,21 +44,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class RandomUnitEmbeddings(Embeddings):
-    """Random 384-d unit vectors, returned as one numpy array (CowVectorStore accepts that; it skips
+    """Random unit vectors (384-d unless told), returned as one numpy array (CowVectorStore accepts that; it skips
     turning 100k vectors into Python lists, which would dominate the set-up time).
 
     ``latency``: seconds each call spends off the CPU, like a GPU or an embedding service would
     (0: instant, so a writer is nothing but CPU-bound Python)."""
 
-    dim = DIM
-
-    def __init__(self, latency: float = 0.0) -> None:
+    def __init__(self, latency: float = 0.0, dim: int = DIM) -> None:
         self.latency = latency
+        self.dim = dim
 
     def embed_documents(self, texts: list[str]) -> Any:
         if self.latency:
             time.sleep(self.latency)
-        v = np.random.default_rng().standard_normal((len(texts), DIM), dtype=np.float32)
+        v = np.random.default_rng().standard_normal((len(texts), self.dim), dtype=np.float32)
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
     def embed_query(self, text: str) -> list[float]:
@@ -270,6 +271,79 @@ def model_throughput(files: int | None, reps: int) -> dict[str, float]:
     }
 
 
+# ----------------------------------------------------------------------------- 5. persistence
+
+
+def persistence(n: int, dim: int, reps: int) -> dict[str, float]:
+    """Full save vs a save after a 1-row change, load, refresh; each a median over ``reps`` runs."""
+    import shutil
+    import tempfile
+
+    emb = RandomUnitEmbeddings(dim=dim)
+    source = CowVectorStore(emb, progress=False, compaction="off")
+    for start in range(0, n, 5000):
+        source.add_texts([f"row {i}" for i in range(start, min(n, start + 5000))])
+    source.compact()
+    snap = source.snapshot()
+    root = Path(tempfile.mkdtemp(prefix="bench-persist-"))
+    try:
+        full: list[float] = []
+        for r in range(reps):  # the first save of a store, each into an empty directory
+            store = CowVectorStore(emb, progress=False, compaction="off")
+            store._pub.state = store._pub.new_state(snap.version, snap.dim, list(snap.segments), list(snap.lives))
+            t = time.perf_counter()
+            store.save(root / f"full-{r}")
+            full.append(time.perf_counter() - t)
+            store._release_directory()
+            if r:
+                shutil.rmtree(root / f"full-{r}")
+        writer = CowVectorStore.open(root / "full-0", emb, progress=False, compaction="off")
+        reader = CowVectorStore.load(root / "full-0", emb, progress=False)
+        one_row: list[float] = []
+        refresh: list[float] = []
+        written = 0
+        for r in range(4 * reps):
+            writer.add_texts([f"one more row {r}"])
+            t = time.perf_counter()
+            saved = writer.save()
+            one_row.append(time.perf_counter() - t)
+            written = max(written, saved.bytes_written)
+            t = time.perf_counter()
+            reader.refresh()
+            refresh.append(time.perf_counter() - t)
+        writer._release_directory()
+        loads: list[float] = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            CowVectorStore.load(root / "full-0", emb, progress=False)
+            loads.append(time.perf_counter() - t)
+    finally:
+        shutil.rmtree(root)
+    return {
+        "full": statistics.median(full),
+        "one_row": statistics.median(one_row),
+        "one_row_bytes": float(written),
+        "load": statistics.median(loads),
+        "refresh": statistics.median(refresh),
+    }
+
+
+def persistence_rows(quick: bool) -> list[tuple[str, str, str, str]]:
+    rows = 10_000 if quick else 100_000
+    per = persistence(rows, 128, 3)
+    r_save = per["one_row"] / per["full"]
+    return [
+        (
+            f"save after a 1-row change @ {rows // 1000}k x 128",
+            f"{ms(per['one_row'])} ({per['one_row_bytes'] / 1024:.1f} KiB of segments)",
+            f"first (full) save {ms(per['full'])}",
+            f"{r_save:.3f}x <= 0.1: {verdict(r_save <= 0.1)}",
+        ),
+        (f"load @ {rows // 1000}k x 128 (every check)", ms(per["load"]), "", ""),
+        ("reader refresh after a 1-row save", ms(per["refresh"]), f"load {ms(per['load'])}", f"{per['refresh'] / per['load']:.3f}x"),
+    ]
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -281,6 +355,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a smoke run)")
     parser.add_argument("--no-model", action="store_true", help="skip the real-model throughput part")
+    parser.add_argument("--persist-only", action="store_true", help="run only the persistence part (5.)")
     parser.add_argument(
         "--omp-threads",
         type=int,
@@ -296,6 +371,9 @@ def main() -> None:
     reps = 10 if args.quick else 40
     big = sizes[-1]
     t0 = time.perf_counter()
+    if args.persist_only:
+        print_table(persistence_rows(args.quick), t0, args.quick)
+        return
 
     stores = {n: asyncio.run(build_store(n)) for n in sizes}
     cost = asyncio.run(write_cost(stores, reps))
@@ -346,6 +424,11 @@ def main() -> None:
                     f"{r:.2f}x >= 0.9: {verdict(r >= 0.9)}",
                 )
             )
+    lines.extend(persistence_rows(args.quick))
+    print_table(lines, t0, args.quick)
+
+
+def print_table(lines: list[tuple[str, str, str, str]], t0: float, quick: bool) -> None:
     widths = [max(len(row[i]) for row in lines + [("measure", "CowVectorStore", "baseline", "ratio / target")]) for i in range(4)]
     header = ("measure", "CowVectorStore", "baseline", "ratio / target")
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -354,7 +437,7 @@ def main() -> None:
         print(" | ".join(c.ljust(w) for c, w in zip(row, widths)))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"\n({'quick' if args.quick else 'full'} run, {time.perf_counter() - t0:.0f} s, {os.cpu_count()} cores,"
+        f"\n({'quick' if quick else 'full'} run, {time.perf_counter() - t0:.0f} s, {os.cpu_count()} cores,"
         f" load average {load:.1f}, faiss omp threads: {omp_threads()})"
     )
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import ChatkitError, LockQueueFull, LockTimeout, SessionBusy, SessionNotFound, TurnInterrupted
+from .errors import ChatkitError, DirectoryLocked, LockQueueFull, LockTimeout, SessionBusy, SessionNotFound, TurnInterrupted
 from .locks import KeyedLock, KeyStatistics, LockEvent, LockStatistics
 from .timeline import Timeline, TimelineRow
 
@@ -32,6 +32,7 @@ _LAZY: dict[str, str] = {
     "StoreStatistics": "chatkit.store",
     "CompactionResult": "chatkit.store",
     "NaiveVectorStore": "chatkit.store",
+    "SavedVersion": "chatkit.store",
     "HashEmbeddings": "chatkit.embeddings",
     "default_embeddings": "chatkit.embeddings",
     "ExtractiveChatModel": "chatkit.models",
@@ -47,6 +48,7 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     "ChatkitError",
+    "DirectoryLocked",
     "LockQueueFull",
     "LockTimeout",
     "SessionBusy",
@@ -83,4 +85,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .store import NaiveVectorStore
     from .runner import run
     from .sessions import ChatMessage, ChatResult, SessionManager, SessionStatistics
-    from .store import CompactionResult, CowVectorStore, DocumentRecord, StoreSnapshot, StoreStatistics
+    from .store import CompactionResult, CowVectorStore, DocumentRecord, SavedVersion, StoreSnapshot, StoreStatistics

@@ -7,6 +7,7 @@ the named exceptions below describe conditions a correct program must handle.
 from __future__ import annotations
 
 from collections.abc import Hashable
+from pathlib import Path
 
 __all__ = [
     "ChatkitError",
@@ -15,6 +16,7 @@ __all__ = [
     "SessionNotFound",
     "SessionBusy",
     "TurnInterrupted",
+    "DirectoryLocked",
 ]
 
 
@@ -92,3 +94,23 @@ class TurnInterrupted(ChatkitError):
         self.session_id = session_id
         self.policy = policy
         self.kept_message = kept_message
+
+
+class DirectoryLocked(ChatkitError, TimeoutError):
+    """Another writer holds the store directory (a directory has one writer at a time).
+
+    Attributes:
+        directory: the store directory.
+        holder: what the current writer wrote into the lock file (its pid and host), or ``""``.
+        waited: seconds spent waiting for it (``lock_timeout``).
+    """
+
+    def __init__(self, directory: Path, *, holder: str = "", waited: float = 0.0) -> None:
+        who = f" ({holder})" if holder else ""
+        super().__init__(
+            f"{directory} has a writer already{who}; a store directory has one writer at a time: close that "
+            "store, pass lock_timeout= to wait for it, or open the directory read-only with CowVectorStore.load()"
+        )
+        self.directory = directory
+        self.holder = holder
+        self.waited = waited

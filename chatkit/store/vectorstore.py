@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import contextvars
 import copy
+import functools
 import threading
 import uuid
 from collections import Counter
@@ -33,7 +34,7 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
 from .._labels import caller_label
-from .persist import load_snapshot, save_snapshot
+from .directory import DirectoryWriter, Followed, LoadedVersion, Retention, SavedVersion, read_version
 from .progress import embed_in_batches
 from .records import CompactionResult, DocumentRecord, StoreStatistics
 from .publisher import Batch, Compaction, Publisher
@@ -563,43 +564,224 @@ class CowVectorStore(VectorStore):
         store.add_texts(texts, metadatas, ids=ids)
         return store
 
-    def save(self, directory: str | PathLike[str]) -> Path:
-        """Save the current version into ``directory`` (JSON manifest + faiss files, no pickle).
+    # ------------------------------------------------------------------ persistence: one directory, one writer, many readers
+    # The protocol (lock file, versions, pins, retention) is chatkit/store/directory.py's. A store is its
+    # directory's writer (``_writer``), follows a directory as a reader (``_follow``), or neither.
 
-        Atomic: a crash at any point leaves the previously saved version loadable. Segments saved
-        before into the same directory are not written again. Returns the manifest's path.
+    _writer: DirectoryWriter | None = None
+    _follow: Followed | None = None
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | PathLike[str],
+        embeddings: Embeddings | None = None,
+        *,
+        lock_timeout: float | None = 0.0,
+        keep_versions: int = 2,
+        keep_seconds: float = 60.0,
+        **kwargs: Any,
+    ) -> CowVectorStore:
+        """Open ``directory`` as its one writer: the newest saved version (empty if there is none; the
+        directory is created if missing), and the directory's lock, held until the store is closed.
+
+        Each :meth:`save` then writes only what changed. Readers (:meth:`load`, in any process) never
+        block the writer, and the writer never deletes files a reader is loading.
+
+        Args:
+            directory: the store directory.
+            embeddings: as for the constructor (``kwargs`` go there too).
+            lock_timeout: seconds to wait while another writer holds the directory (``None``: forever).
+            keep_versions, keep_seconds: retention: superseded versions are deleted once they are not among
+                the newest ``keep_versions`` and were replaced more than ``keep_seconds`` ago (a version a
+                reader is loading is kept whatever these say).
 
         Raises:
-            TypeError: some metadata is not JSON-serializable.
-            ValueError: ``directory`` holds some other program's ``manifest.json``.
-            OSError: the file system failed (the previous save is intact).
+            DirectoryLocked: another writer holds the directory (after ``lock_timeout``).
+            FileNotFoundError / ValueError: as for :meth:`load`; also bad options (named).
+
+        Example:
+            >>> import tempfile
+            >>> from chatkit import CowVectorStore, HashEmbeddings
+            >>> d = tempfile.mkdtemp()
+            >>> writer = CowVectorStore.open(d, HashEmbeddings(dim=16), keep_versions=1, keep_seconds=0)
+            >>> writer.add_texts(["Refunds take five days."], ids=["r"])
+            ['r']
+            >>> writer.save().generation
+            1
+            >>> reader = CowVectorStore.load(d, HashEmbeddings(dim=16))
+            >>> _ = writer.delete(["r"]), writer.add_texts(["Shipping is free."], ids=["s"])
+            >>> saved = writer.save()
+            >>> saved.generation, saved.segments_written, saved.versions_removed
+            (2, 1, 1)
+            >>> [d.id for d in reader.similarity_search("shipping", k=4)], reader.refresh()
+            (['r'], True)
+            >>> [d.id for d in reader.similarity_search("shipping", k=4)]
+            ['s']
+        """
+        retention = Retention(keep_versions=keep_versions, keep_seconds=keep_seconds)
+        store = cls(embeddings, **kwargs)
+        writer = DirectoryWriter(directory, timeout=lock_timeout, retention=retention)
+        try:
+            loaded = writer.load()
+            if loaded is not None:
+                store._install(loaded, writer.root, expect_version=None)
+        except BaseException:
+            writer.release()
+            raise
+        store._writer, store._follow = writer, None
+        return store
+
+    def save(self, directory: str | PathLike[str] | None = None, *, overwrite: bool = False) -> SavedVersion:
+        """Save the current version as the directory's next version; only segments not on disk yet are written.
+
+        ``directory`` may be left out once the store has one (:meth:`open`, or an earlier save). Saving
+        into a directory for the first time makes this store its writer: it takes the directory's lock
+        (failing at once if another writer holds it) and keeps it until the store is closed. Atomic: a
+        crash at any point leaves the newest complete version loadable; a save that returned is durable.
+        Saving an unchanged store writes nothing.
+
+        Args:
+            directory: where to save (created if missing).
+            overwrite: without it, a store saves only into a directory with no saved version, or into
+                the one it was loaded from if no other version was saved there since (so no save drops a
+                version it has not seen). With it, this store's content becomes the newest version
+                whatever is there (older versions go by the retention rules, as after any save).
+
+        Raises:
+            DirectoryLocked: another writer holds ``directory``.
+            ValueError: ``directory`` holds another store or versions saved since this one was loaded
+                (and not ``overwrite``), or this store writes to another directory; a metadata value
+                cannot be saved (named; nothing is published).
+            TypeError: some metadata is not JSON-serializable (named; nothing is published).
+            OSError: the file system failed (the newest version on disk is complete).
         """
         with self._save_guard:
-            return save_snapshot(self._pub.state, directory)
+            return self._writer_for(directory, overwrite).commit(self._pub.state)
 
-    async def asave(self, directory: str | PathLike[str]) -> Path:
+    async def asave(self, directory: str | PathLike[str] | None = None, *, overwrite: bool = False) -> SavedVersion:
         """:meth:`save` in a worker thread."""
-        return await asyncio.to_thread(self.save, directory)
+        return await asyncio.to_thread(functools.partial(self.save, directory, overwrite=overwrite))
+
+    def _writer_for(self, directory: str | PathLike[str] | None, overwrite: bool) -> DirectoryWriter:
+        """This store's writer, taking ``directory`` if the store has none yet (``_save_guard`` held)."""
+        if self._writer is not None:
+            if directory is not None and not self._writer.is_for(directory):
+                raise ValueError(
+                    f"this store writes to {self._writer.root}; it cannot also save into {directory} "
+                    "(close it first, or build another store for that directory)"
+                )
+            return self._writer
+        if directory is None:
+            raise ValueError("save() needs a directory: this store has none yet (or use CowVectorStore.open)")
+        writer = DirectoryWriter(directory, timeout=0.0)
+        try:
+            follow = self._follow
+            if writer.has_versions and not overwrite:
+                if follow is None or follow.root != writer.root:
+                    raise ValueError(
+                        f"{writer.root} already holds a saved store (generation {writer.generation}, version "
+                        f"{writer.version}); open it with CowVectorStore.open() to change it, save into an empty "
+                        "directory, or pass overwrite=True to replace its content"
+                    )
+                if follow.generation != writer.generation:
+                    raise ValueError(
+                        f"{writer.root} moved on: this store was loaded from generation {follow.generation}, and "
+                        f"generation {writer.generation} was saved since; saving would drop it (refresh() first, "
+                        "or pass overwrite=True)"
+                    )
+        except BaseException:
+            writer.release()
+            raise
+        self._writer, self._follow = writer, None
+        return writer
 
     @classmethod
     def load(cls, directory: str | PathLike[str], embeddings: Embeddings | None = None, **kwargs: Any) -> CowVectorStore:
-        """A store holding what :meth:`save` wrote (``kwargs`` go to the constructor).
+        """Open ``directory`` read-only: a store holding its newest complete version, which follows the
+        directory (:meth:`refresh` moves it to the newest version saved since).
+
+        Takes no lock and writes nothing to the directory; any number of readers, in any process, may
+        load it while its writer saves. The version is read into memory, so a reader never needs a file
+        again. ``kwargs`` go to the constructor; ``compaction`` defaults to ``"off"`` (the writer merges
+        segments; a reader's are replaced at the next refresh).
 
         Raises:
             FileNotFoundError: no saved store there, or a file it lists is missing.
-            ValueError: a corrupt or unsafe manifest or file, or the embeddings give vectors of
-                another dimension than the saved ones.
+            ValueError: a corrupt or unsafe manifest or file (the message names it: bad checksums, links,
+                vectors that are not finite or not unit length, JSON nested too deeply, ...), or the
+                embeddings give vectors of another dimension than the saved ones.
         """
-        loaded = load_snapshot(directory)
+        kwargs.setdefault("compaction", "off")
         store = cls(embeddings, **kwargs)
-        if loaded.dim is not None:
+        root = Path(directory).resolve()
+        loaded = read_version(root)
+        assert loaded is not None
+        store._install(loaded, root, expect_version=None)
+        return store
+
+    def refresh(self) -> bool:
+        """Move to the newest version saved in the directory this store was loaded from; whether it moved.
+
+        Only segments this store does not hold yet are read; snapshots taken before keep their version.
+        On the directory's writer this does nothing (it is the newest version).
+
+        Raises:
+            ValueError: this store follows no directory, or it has changes of its own that were never
+                saved (``refresh`` would drop them); a corrupt or unsafe file (named).
+            FileNotFoundError: the directory or its manifests are gone.
+        """
+        with self._save_guard:
+            if self._writer is not None:
+                return False
+            follow = self._follow
+            if follow is None:
+                raise ValueError("this store follows no directory: refresh() is for stores made by CowVectorStore.load()")
+            loaded = read_version(follow.root, newer_than=follow.generation, reuse=follow.reuse)
+            if loaded is None:
+                return False
+            self._install(loaded, follow.root, expect_version=follow.version)
+            return True
+
+    async def arefresh(self) -> bool:
+        """:meth:`refresh` in a worker thread."""
+        return await asyncio.to_thread(self.refresh)
+
+    def _install(self, loaded: LoadedVersion, root: Path, *, expect_version: int | None) -> None:
+        """Make ``loaded`` the current version; with ``expect_version``, only if the store is still at it."""
+        if loaded.dim is not None and loaded.dim != self._pub.state.dim:
             from ..embeddings import embedding_dimension
 
-            have = embedding_dimension(store._embedder())
+            have = embedding_dimension(self._embedder())
             if have != loaded.dim:
                 raise ValueError(
-                    f"the store saved in {directory} holds {loaded.dim}-d vectors but "
-                    f"{type(store._embedder()).__name__} gives {have}-d vectors; load it with the model that built it"
+                    f"the store saved in {root} holds {loaded.dim}-d vectors but "
+                    f"{type(self._embedder()).__name__} gives {have}-d vectors; load it with the model that built it"
                 )
-        store._pub.state = store._pub.new_state(loaded.version, loaded.dim, list(loaded.segments), list(loaded.lives))
-        return store
+        with self._pub._guard:  # a check and a swap in one step, against this store's own writers
+            cur = self._pub.state
+            if expect_version is not None and cur.version != expect_version:
+                raise ValueError(
+                    f"this store has changes of its own (version {cur.version}; it loaded version {expect_version} "
+                    f"from {root}) that were never saved and refresh() would drop; load the directory again to "
+                    "discard them"
+                )
+            self._pub.state = self._pub.new_state(loaded.version, loaded.dim, list(loaded.segments), list(loaded.lives))
+        self._follow = Followed(root=root, generation=loaded.generation, version=loaded.version, reuse=loaded.reusable())
+
+    def _release_directory(self) -> None:
+        """Let go of the directory's writer lock if this store holds it (``close()`` calls this; idempotent).
+
+        The store then follows the directory as a reader, from the version it saved last.
+        """
+        with self._save_guard:
+            writer, self._writer = self._writer, None
+            if writer is None:
+                return
+            self._follow = Followed(
+                root=writer.root,
+                generation=writer.generation if writer.has_versions else -1,
+                version=writer.version,
+                reuse=writer.reusable(self._pub.state.segments),
+            )
+            writer.release()
