@@ -634,7 +634,9 @@ class RedisKeyedLock:
             assert self._pubsub is not None
             try:
                 msg = await self._pubsub.get_message(timeout=None)
-            except self._errors as exc:
+            except Exception as exc:  # broken connection (or a confused client): subscribe afresh
+                if not isinstance(exc, self._errors):
+                    logger.exception("RedisKeyedLock: unexpected error reading wake-ups from %s", self.url)
                 self._note_outage(exc)
                 await self._resubscribe()
                 continue
@@ -646,7 +648,7 @@ class RedisKeyedLock:
         while True:
             try:
                 await self._subscribe()
-            except self._errors as exc:
+            except Exception as exc:
                 self._note_outage(exc)
                 await asyncio.sleep(delay)  # the server is down: try again, a bit later each time
                 delay = min(delay * 2, self._lease / 4)
@@ -690,7 +692,9 @@ class RedisKeyedLock:
                 for r in live:
                     pipe.pexpire(r.record, self._lease_ms)
                 alive = await pipe.execute()
-            except self._errors as exc:
+            except Exception as exc:  # unreachable: holders give up at their lease deadline
+                if not isinstance(exc, self._errors):
+                    logger.exception("RedisKeyedLock: unexpected error renewing leases on %s", self.url)
                 self._note_outage(exc)
                 continue
             if self._outage_logged:
@@ -726,8 +730,9 @@ class RedisKeyedLock:
         return err
 
     async def _call(self, script: _Script, keys: list[str], args: list[Any], doing: str) -> Any:
-        assert self._client is not None
         client = self._client
+        if client is None:
+            raise self._unavailable(RuntimeError("the lock was closed"), doing)
         try:
             try:
                 return await client.evalsha(script.sha, len(keys), *keys, *args)
