@@ -24,7 +24,9 @@ in the namespace (``namespace="{chatkit-locks}"``) so that all of a lock's data 
 
 from __future__ import annotations
 
-__all__ = ["ACQUIRE", "CHECK", "WITHDRAW", "RELEASE", "STATUS"]
+import hashlib
+
+__all__ = ["Script", "ACQUIRE", "CHECK", "WITHDRAW", "RELEASE", "STATUS", "ALL"]
 
 TOKEN_TTL_MS = 7 * 24 * 3600 * 1000
 
@@ -114,7 +116,7 @@ end
 # KEYS[1] = the ticket's hash, KEYS[2..] = the queues of its keys.
 # ARGV: ns, ticket, channel, label, lease_ms, max_pending (0: none), key...
 # Returns {1, token} (granted), {0, ms until a ticket ahead may have died}, {-1, index of the full key}.
-ACQUIRE = _COMMON + """
+_ACQUIRE_LUA = _COMMON + """
 local me = ARGV[2]
 local keys = {}
 for i = 7, #ARGV do keys[#keys + 1] = ARGV[i] end
@@ -155,7 +157,7 @@ return {0, blockers(keys, me)}
 
 # KEYS[1] = the ticket's hash. ARGV: ns, ticket.
 # Returns {1, token} (granted), {0, ms until a ticket ahead may have died}, {-2} (the ticket is gone).
-CHECK = _COMMON + """
+_CHECK_LUA = _COMMON + """
 local me = ARGV[2]
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-2} end
 local g = redis.call('HGET', KEYS[1], 'g')
@@ -168,7 +170,7 @@ return {0, blockers(keys, me)}
 
 # KEYS[1] = the ticket's hash. ARGV: ns, ticket.
 # Returns {0} (left the queues), {1, token} (it had been granted: it holds the keys), {-2} (gone).
-WITHDRAW = _COMMON + """
+_WITHDRAW_LUA = _COMMON + """
 local me = ARGV[2]
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-2} end
 local g = redis.call('HGET', KEYS[1], 'g')
@@ -183,7 +185,7 @@ return {0}
 # KEYS[1] = the ticket's hash. ARGV: ns, ticket, token.
 # Returns 1 (released), -2 (the ticket is gone: its lease ran out or the server lost it), -3 (it does not
 # hold the keys under this token).
-RELEASE = _COMMON + """
+_RELEASE_LUA = _COMMON + """
 local me = ARGV[2]
 if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
 if redis.call('HGET', KEYS[1], 'g') ~= ARGV[3] then return -3 end
@@ -197,7 +199,7 @@ return 1
 # KEYS[1] = the key's queue. ARGV: ns, key.
 # Returns {queue length, holder's label, holder's token, holder's remaining lease in ms} ({0} when idle;
 # label and token are '' when the head waits for other keys).
-STATUS = _COMMON + """
+_STATUS_LUA = _COMMON + """
 settle({ARGV[2]}, '')
 local h = head(ARGV[2])
 if not h then return {0} end
@@ -206,3 +208,23 @@ local g = redis.call('HGET', tk(h), 'g')
 if not g then return {n, '', '', -1} end
 return {n, redis.call('HGET', tk(h), 'l'), g, redis.call('PTTL', tk(h))}
 """
+
+
+class Script:
+    """A Lua script known by its SHA1 (called with EVALSHA; loaded again if the server forgot it)."""
+
+    def __init__(self, name: str, text: str) -> None:
+        self.name = name
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"<lock script {self.name} {self.sha[:8]}>"
+
+
+ACQUIRE = Script("acquire", _ACQUIRE_LUA)
+CHECK = Script("check", _CHECK_LUA)
+WITHDRAW = Script("withdraw", _WITHDRAW_LUA)
+RELEASE = Script("release", _RELEASE_LUA)
+STATUS = Script("status", _STATUS_LUA)
+ALL = (ACQUIRE, CHECK, WITHDRAW, RELEASE, STATUS)

@@ -27,21 +27,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import logging
-import math
 import secrets
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from .._labels import caller_label
-from ..errors import LockLost, LockQueueFull, LockServerUnavailable, LockTimeout
+from ..errors import LockLost, LockServerUnavailable
 from . import _redis_scripts as scripts
+from ._redis_request import HOLDING, WAITING, RedisLockRequest, describe
 from .keyed import KeyStatistics, LockEvent, LockStatistics, check_seconds
 
 if TYPE_CHECKING:
@@ -54,12 +52,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-EventKind = Literal["requested", "acquired", "released", "timed_out", "cancelled", "rejected"]
-
 _MIN_LEASE = 0.1
-_SAFETY = 0.9  # a holder counts its lease as gone after this share of it without a renewal
 _RECHECK_MARGIN = 0.003  # seconds past a ticket's expiry before looking at it again
-NEW, WAITING, HOLDING, RELEASING, DONE = "new", "waiting", "holding", "releasing", "done"
 
 
 class _Unset:
@@ -105,26 +99,6 @@ def _key_name(key: Hashable) -> str:
     )
 
 
-def _describe(keys: tuple[Hashable, ...]) -> str:
-    return f"key {keys[0]!r}" if len(keys) == 1 else f"keys {list(keys)!r}"
-
-
-class _Script:
-    """A Lua script known by its SHA1; loaded again if the server forgot it (a restart)."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.sha = hashlib.sha1(text.encode()).hexdigest()
-
-
-_ACQUIRE = _Script(scripts.ACQUIRE)
-_CHECK = _Script(scripts.CHECK)
-_WITHDRAW = _Script(scripts.WITHDRAW)
-_RELEASE = _Script(scripts.RELEASE)
-_STATUS = _Script(scripts.STATUS)
-_ALL_SCRIPTS = (_ACQUIRE, _CHECK, _WITHDRAW, _RELEASE, _STATUS)
-
-
 @dataclass(frozen=True, slots=True)
 class RedisKeyStatus:
     """One key as Redis sees it, across every process (see :meth:`RedisKeyedLock.status`).
@@ -153,7 +127,7 @@ class _LocalKey:
     __slots__ = ("holder", "waiting", "acquisitions", "timeouts", "cancellations", "rejections", "total_wait", "max_wait", "total_hold")
 
     def __init__(self) -> None:
-        self.holder: _RedisRequest | None = None
+        self.holder: RedisLockRequest | None = None
         self.waiting = 0
         self.acquisitions = 0
         self.timeouts = 0
@@ -287,7 +261,7 @@ class RedisKeyedLock:
         self._channel = f"{namespace}:w:{self._id}"
         self._seq = itertools.count(1)
         # live tickets of this lock object (joined the queues, not yet released or withdrawn)
-        self._tickets: dict[str, _RedisRequest] = {}
+        self._tickets: dict[str, RedisLockRequest] = {}
         # keys this lock object's requests hold or wait for; absent when none does
         self._local: dict[str, _LocalKey] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -297,7 +271,7 @@ class RedisKeyedLock:
         self._starting: asyncio.Task[None] | None = None
         self._started = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._batch: list[tuple[_RedisRequest, asyncio.Future[list[Any]]]] = []
+        self._batch: list[tuple[RedisLockRequest, asyncio.Future[list[Any]]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._renew_now: asyncio.Event | None = None
         self._last_error: BaseException | None = None
@@ -326,7 +300,7 @@ class RedisKeyedLock:
 
     def __call__(
         self, key: Hashable = _UNSET, /, *more: Hashable, timeout: float | None = _UNSET, label: str | None = None
-    ) -> _RedisRequest:
+    ) -> RedisLockRequest:
         """Return an async context manager that holds the keys, in every process, for the block.
 
         Several keys are de-duplicated (``1`` and ``"1"`` name the same key) and taken together, atomically.
@@ -343,7 +317,7 @@ class RedisKeyedLock:
             timeout = check_seconds("timeout", timeout)
         if label is not None and type(label) is not str:
             raise TypeError(f"label must be a str or None, got {label!r}")
-        return _RedisRequest(self, tuple(names.values()), tuple(names), timeout, label)
+        return RedisLockRequest(self, tuple(names.values()), tuple(names), timeout, label)
 
     async def run(
         self,
@@ -392,7 +366,7 @@ class RedisKeyedLock:
         """
         name = _key_name(key)
         await self._ensure_started()
-        reply = await self._call(_STATUS, [f"{self._namespace}:q:{name}"], [self._namespace, name], f"the status of key {key!r}")
+        reply = await self._call(scripts.STATUS, [f"{self._namespace}:q:{name}"], [self._namespace, name], f"the status of key {key!r}")
         if int(reply[0]) == 0:
             return RedisKeyStatus(key, False, None, None, 0, None)
         queued, label, token, pttl = int(reply[0]), reply[1], reply[2], int(reply[3])
@@ -511,12 +485,12 @@ class RedisKeyedLock:
         for t in tasks:
             t.cancel()
         if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(tasks, timeout=self._socket_timeout)
         for req in list(self._tickets.values()):
             self._lose(req, "the lock was closed", None)
         for req, fut in self._batch:
             if not fut.done():
-                fut.set_exception(self._unavailable(RuntimeError("the lock was closed"), f"lock {_describe(req.keys)}"))
+                fut.set_exception(self._unavailable(RuntimeError("the lock was closed"), f"lock {describe(req.keys)}"))
         self._batch = []
         self._tasks = []
         self._flusher = None
@@ -527,8 +501,9 @@ class RedisKeyedLock:
         for closing in (pubsub, client, sub):
             if closing is not None:
                 try:
-                    await closing.aclose()
-                except self._errors:  # already broken: nothing to close politely
+                    async with asyncio.timeout(self._socket_timeout):
+                        await closing.aclose()
+                except self._errors:  # already broken (or not answering): nothing to close politely
                     pass
 
     # ----------------------------------------------------------------- connection and background tasks
@@ -588,7 +563,7 @@ class RedisKeyedLock:
         try:
             await self._subscribe()
             pipe = self._client.pipeline(transaction=False)
-            for script in _ALL_SCRIPTS:
+            for script in scripts.ALL:
                 pipe.script_load(script.text)
             await pipe.execute()
         except BaseException as exc:
@@ -729,7 +704,7 @@ class RedisKeyedLock:
         err.__cause__ = exc
         return err
 
-    async def _call(self, script: _Script, keys: list[str], args: list[Any], doing: str) -> Any:
+    async def _call(self, script: scripts.Script, keys: list[str], args: list[Any], doing: str) -> Any:
         client = self._client
         if client is None:
             raise self._unavailable(RuntimeError("the lock was closed"), doing)
@@ -742,7 +717,7 @@ class RedisKeyedLock:
         except self._errors as exc:
             raise self._unavailable(exc, doing) from exc
 
-    def _enqueue(self, req: _RedisRequest) -> asyncio.Future[list[Any]]:
+    def _enqueue(self, req: RedisLockRequest) -> asyncio.Future[list[Any]]:
         """Send ``req``'s join script in call order (batched down one pipeline); its reply arrives later."""
         assert self._loop is not None
         fut: asyncio.Future[list[Any]] = self._loop.create_future()
@@ -751,7 +726,7 @@ class RedisKeyedLock:
             self._flusher = self._loop.create_task(self._flush(), name="RedisKeyedLock enqueue")
         return fut
 
-    def _acquire_args(self, req: _RedisRequest) -> tuple[list[str], list[Any]]:
+    def _acquire_args(self, req: RedisLockRequest) -> tuple[list[str], list[Any]]:
         ns = self._namespace
         keys = [req.record, *(f"{ns}:q:{n}" for n in req.names)]
         args = [ns, req.ticket, self._channel, req.label_text, self._lease_ms, self._max_pending or 0, *req.names]
@@ -767,12 +742,12 @@ class RedisKeyedLock:
             except self._errors as exc:
                 for req, fut in batch:
                     if not fut.done():
-                        fut.set_exception(self._unavailable(exc, f"lock {_describe(req.keys)}"))
+                        fut.set_exception(self._unavailable(exc, f"lock {describe(req.keys)}"))
                 continue
             except BaseException as exc:  # cancelled (aclose): nobody will answer these
                 for req, fut in batch:
                     if not fut.done():
-                        fut.set_exception(self._unavailable(RuntimeError("the lock was closed"), f"lock {_describe(req.keys)}"))
+                        fut.set_exception(self._unavailable(RuntimeError("the lock was closed"), f"lock {describe(req.keys)}"))
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
@@ -789,10 +764,10 @@ class RedisKeyedLock:
         assert self._client is not None
         pipe = self._client.pipeline(transaction=False)
         for keys, args in calls:
-            pipe.evalsha(_ACQUIRE.sha, len(keys), *keys, *args)
+            pipe.evalsha(scripts.ACQUIRE.sha, len(keys), *keys, *args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         if any(isinstance(r, self._no_script) for r in replies):
-            await self._client.script_load(_ACQUIRE.text)  # the server restarted: every join is idempotent
+            await self._client.script_load(scripts.ACQUIRE.text)  # the server restarted: every join is idempotent
             return await self._send_batch(calls)
         return replies
 
@@ -806,14 +781,14 @@ class RedisKeyedLock:
                 except Exception:  # an observer must never break locking
                     logger.exception("RedisKeyedLock observer %r failed on %r", observer, event)
 
-    def _local_enter(self, req: _RedisRequest) -> None:
+    def _local_enter(self, req: RedisLockRequest) -> None:
         for n in req.names:
             st = self._local.get(n)
             if st is None:
                 st = self._local[n] = _LocalKey()
             st.waiting += 1
 
-    def _local_leave(self, req: _RedisRequest, outcome: str, now: float) -> None:
+    def _local_leave(self, req: RedisLockRequest, outcome: str, now: float) -> None:
         """``req`` stopped waiting: ``outcome`` is acquired, timed_out, cancelled, rejected or failed."""
         waited = now - req.t_request
         if outcome == "acquired":
@@ -843,7 +818,7 @@ class RedisKeyedLock:
             if st.holder is None and st.waiting == 0:
                 del self._local[n]
 
-    def _local_release(self, req: _RedisRequest, now: float) -> float:
+    def _local_release(self, req: RedisLockRequest, now: float) -> float:
         held = now - req.t_acquired
         self._total_hold += held
         for n in req.names:
@@ -856,7 +831,7 @@ class RedisKeyedLock:
                 del self._local[n]
         return held
 
-    def _lose(self, req: _RedisRequest, why: str, cause: BaseException | None) -> None:
+    def _lose(self, req: RedisLockRequest, why: str, cause: BaseException | None) -> None:
         """``req`` can no longer count on its ticket: fail it (waiting) or cancel its block (holding)."""
         if self._tickets.get(req.ticket) is req:
             del self._tickets[req.ticket]
@@ -878,11 +853,11 @@ class RedisKeyedLock:
         if req.state == WAITING:
             if why == "expired" and outage is not None:
                 err: BaseException = LockServerUnavailable(
-                    f"gave up waiting for {_describe(req.keys)}: {reason}", url=self.url
+                    f"gave up waiting for {describe(req.keys)}: {reason}", url=self.url
                 )
             else:
                 err = LockLost(
-                    f"lost the place of {req.label_text!r} in the queue for {_describe(req.keys)}: {reason}",
+                    f"lost the place of {req.label_text!r} in the queue for {describe(req.keys)}: {reason}",
                     keys=req.keys,
                     url=self.url,
                     held=False,
@@ -893,7 +868,7 @@ class RedisKeyedLock:
         elif req.state == HOLDING and req.lost is None:
             self._losses += 1
             err = LockLost(
-                f"{req.label_text!r} lost the lock on {_describe(req.keys)} (token {req.token}): {reason}; another "
+                f"{req.label_text!r} lost the lock on {describe(req.keys)} (token {req.token}): {reason}; another "
                 "caller may hold it now, so its block was cancelled",
                 keys=req.keys,
                 url=self.url,
@@ -907,16 +882,16 @@ class RedisKeyedLock:
                 req.cancelled_by_lock = True
                 owner.cancel(str(err))
 
-    def _abandon(self, req: _RedisRequest) -> None:
+    def _abandon(self, req: RedisLockRequest) -> None:
         """Best effort, in the background: take a failed request's ticket out of Redis at once."""
         if not req.confirmed or self._loop is None or self._client is None:
             return
 
         async def withdraw() -> None:
             try:
-                reply = await self._call(_WITHDRAW, [req.record], [self._namespace, req.ticket], "withdraw")
+                reply = await self._call(scripts.WITHDRAW, [req.record], [self._namespace, req.ticket], "withdraw")
                 if int(reply[0]) == 1:
-                    await self._call(_RELEASE, [req.record], [self._namespace, req.ticket, reply[1]], "release")
+                    await self._call(scripts.RELEASE, [req.record], [self._namespace, req.ticket, reply[1]], "release")
             except LockServerUnavailable:
                 pass  # its lease runs out instead
 
@@ -928,329 +903,3 @@ class RedisKeyedLock:
         if pttl_ms < 0:
             return self._lease
         return min(pttl_ms / 1000 + _RECHECK_MARGIN, self._lease)
-
-
-class _RedisRequest:
-    """One acquisition: the context manager, the ticket in Redis, and (once granted) the holder."""
-
-    def __init__(
-        self,
-        lock: RedisKeyedLock,
-        keys: tuple[Hashable, ...],
-        names: tuple[str, ...],
-        timeout: float | None,
-        label: str | None,
-    ) -> None:
-        self.lock = lock
-        self.keys = keys
-        self.names = names
-        self.timeout = timeout
-        self.label = label
-        self.label_text = label or "?"
-        self.state = NEW
-        self.ticket = ""
-        self.record = ""
-        self._token: int | None = None
-        self.granted_token: int | None = None
-        self.owner: asyncio.Task[Any] | None = None
-        self.error: BaseException | None = None  # a waiter's failure (lost its place, server unreachable)
-        self.lost: LockLost | None = None  # a holder's lost lease
-        self.cancelled_by_lock = False
-        self.recheck_due = False
-        self.confirmed = False  # its ticket exists in Redis (the join script answered)
-        self.sent = 0.0  # loop time the join script was sent
-        self.deadline = math.inf  # loop time its lease is considered gone without a renewal
-        self.watchdog: asyncio.TimerHandle | None = None
-        self.poke: asyncio.Future[None] | None = None
-        self.t_request = 0.0
-        self.t_acquired = 0.0
-
-    @property
-    def token(self) -> int | None:
-        """The fencing token of this acquisition once entered (grows with every acquisition of a key)."""
-        return self._token
-
-    def __repr__(self) -> str:
-        token = "" if self._token is None else f" token={self._token}"
-        return f"<redis lock request for {_describe(self.keys)} by {self.label_text!r}: {self.state}{token}>"
-
-    # ------------------------------------------------------------ lease bookkeeping
-
-    def extend(self, sent: float) -> None:
-        """A renewal (or the join) sent at loop time ``sent`` succeeded: the lease lasts from then."""
-        lock = self.lock
-        assert lock._loop is not None
-        deadline = sent + lock._lease * _SAFETY
-        if deadline <= self.deadline and self.watchdog is not None:
-            return
-        self.deadline = deadline
-        if self.watchdog is not None:
-            self.watchdog.cancel()
-        self.watchdog = lock._loop.call_at(deadline, self._expired)
-
-    def _expired(self) -> None:
-        self.watchdog = None
-        if self.state in (WAITING, HOLDING):
-            self.lock._lose(self, "expired", None)
-
-    def cancel_watchdog(self) -> None:
-        if self.watchdog is not None:
-            self.watchdog.cancel()
-            self.watchdog = None
-
-    def wake(self) -> None:
-        poke = self.poke
-        if poke is not None and not poke.done():
-            poke.set_result(None)
-
-    # ------------------------------------------------------------ acquiring
-
-    def __aenter__(self) -> Awaitable[None]:
-        if self.state != NEW:
-            raise RuntimeError("this lock request was already used; call lock(key) again for a new one")
-        self.state = WAITING
-        return self._acquire()
-
-    def _event(self, kind: EventKind, now: float, waited: float | None = None, held: float | None = None) -> LockEvent:
-        return LockEvent(kind, self.keys, self.label_text, now, waited, held)
-
-    async def _acquire(self) -> None:
-        lock = self.lock
-        lock_clock = lock._clock
-        self.t_request = lock_clock()
-        self.owner = asyncio.current_task()
-        if self.label is None:
-            self.label_text = caller_label()
-        # Re-entry by the task that holds one of these keys would wait for itself forever.
-        for n in self.names:
-            st = lock._local.get(n)
-            if st is not None and st.holder is not None and self.owner is not None and st.holder.owner is self.owner:
-                self.state = DONE
-                raise RuntimeError(
-                    f"{self.label_text!r} already holds {_describe(st.holder.keys)} and asked for "
-                    f"{_describe(self.keys)}, which would deadlock: release it first"
-                )
-        try:
-            await lock._ensure_started()
-        except BaseException:
-            self.state = DONE
-            raise
-        loop = lock._loop
-        assert loop is not None
-        t_loop = loop.time()
-        self.ticket = f"{lock._id}:{next(lock._seq)}"
-        self.record = f"{lock._namespace}:t:{self.ticket}"
-        lock._tickets[self.ticket] = self
-        lock._local_enter(self)
-        try:
-            joined = lock._enqueue(self)
-            try:
-                reply = await asyncio.shield(joined)
-            except asyncio.CancelledError:
-                # The join may run yet: wait for its answer, so that leaving comes after it.
-                await _finish_uncancellable(joined)
-                self.confirmed = joined.done() and not joined.cancelled() and joined.exception() is None
-                raise
-            status = int(reply[0])
-            if status == -1:
-                full = self.keys[int(reply[1]) - 1]
-                self._finish_waiting("rejected", lock_clock())
-                raise LockQueueFull(
-                    f"too many requests are already waiting for key {full!r} (max_pending={lock._max_pending}, "
-                    "counted across all processes); try again later",
-                    key=full,
-                    max_pending=lock._max_pending or 0,
-                )
-            self.confirmed = True
-            self.extend(self.sent)
-            if lock._observers:
-                lock._emit([self._event("requested", self.t_request)])
-            if status == 1:
-                self.granted_token = int(reply[1])
-            else:
-                await self._wait(int(reply[1]), t_loop)
-        except asyncio.CancelledError:
-            await self._leave_cancelled()
-            raise
-        except (LockTimeout, LockQueueFull):
-            raise  # already out of the queues
-        except BaseException:
-            if self.state == WAITING:
-                self._finish_waiting("failed", lock_clock())
-                lock._abandon(self)
-            raise
-        assert self.granted_token is not None
-        self._token = self.granted_token
-        self.state = HOLDING
-        self.t_acquired = lock_clock()
-        lock._local_leave(self, "acquired", self.t_acquired)
-        if lock._observers:
-            lock._emit([self._event("acquired", self.t_acquired, waited=self.t_acquired - self.t_request)])
-
-    def _finish_waiting(self, outcome: str, now: float) -> None:
-        lock = self.lock
-        self.state = DONE
-        self.cancel_watchdog()
-        if lock._tickets.get(self.ticket) is self:
-            del lock._tickets[self.ticket]
-        lock._local_leave(self, outcome, now)
-        if lock._observers and outcome in ("timed_out", "cancelled", "rejected"):
-            waited = None if outcome == "rejected" else now - self.t_request
-            lock._emit([self._event(outcome, now, waited=waited)])  # type: ignore[arg-type]
-
-    async def _wait(self, pttl_ms: int, t_loop: float) -> None:
-        """Wait until granted (woken by a message, or found by a re-check), timed out or failed."""
-        lock = self.lock
-        loop = lock._loop
-        assert loop is not None
-        deadline = math.inf if self.timeout is None else t_loop + self.timeout
-        next_check = loop.time() + lock._recheck_delay(pttl_ms)
-        while True:
-            if self.error is not None:
-                raise self.error
-            if self.granted_token is not None:
-                return
-            now = loop.time()
-            if now >= deadline:
-                reply = await lock._call(_WITHDRAW, [self.record], [lock._namespace, self.ticket], f"stop waiting for {_describe(self.keys)}")
-                if int(reply[0]) == 1:  # the handoff won the race: keep the keys
-                    self.granted_token = int(reply[1])
-                    return
-                if int(reply[0]) == -2:
-                    lock._lose(self, "gone", None)
-                    continue
-                end = lock._clock()
-                self._finish_waiting("timed_out", end)
-                waited = end - self.t_request
-                raise LockTimeout(
-                    f"gave up waiting for {_describe(self.keys)} after {waited:.3g} s (timeout={self.timeout:g} s): "
-                    "earlier requests held it the whole time",
-                    keys=self.keys,
-                    waited=waited,
-                )
-            if self.recheck_due or now >= next_check:
-                self.recheck_due = False
-                try:
-                    reply = await lock._call(_CHECK, [self.record], [lock._namespace, self.ticket], f"look at {_describe(self.keys)}")
-                except LockServerUnavailable:
-                    next_check = loop.time() + lock._lease / 3  # its lease deadline decides if this lasts
-                    continue
-                status = int(reply[0])
-                if status == 1:
-                    self.granted_token = int(reply[1])
-                    return
-                if status == -2:
-                    lock._lose(self, "gone", None)
-                    continue
-                next_check = loop.time() + lock._recheck_delay(int(reply[1]))
-                continue
-            poke = self.poke = loop.create_future()
-            timer = loop.call_at(min(next_check, deadline), _set_result, poke)
-            try:
-                await poke
-            finally:
-                timer.cancel()
-                self.poke = None
-
-    async def _leave_cancelled(self) -> None:
-        """The waiting task was cancelled: leave the queues, or pass on keys handed over meanwhile."""
-        lock = self.lock
-        now = lock._clock()
-        if self.state != WAITING:
-            return
-        self._finish_waiting("cancelled", now)
-        if not self.confirmed or lock._client is None:
-            return
-
-        async def leave() -> None:
-            reply = await lock._call(_WITHDRAW, [self.record], [lock._namespace, self.ticket], f"leave the queue of {_describe(self.keys)}")
-            if int(reply[0]) == 1:
-                await lock._call(_RELEASE, [self.record], [lock._namespace, self.ticket, reply[1]], f"pass on {_describe(self.keys)}")
-
-        task = asyncio.ensure_future(leave())
-        await _finish_uncancellable(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.warning("RedisKeyedLock: a cancelled request could not leave the queue at once (%s); its lease "
-                           "runs out instead", task.exception())
-
-    # ------------------------------------------------------------ releasing
-
-    def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> Awaitable[None]:
-        return self._release(exc)
-
-    async def _release(self, exc: BaseException | None) -> None:
-        lock = self.lock
-        if self.state != HOLDING:
-            raise RuntimeError(f"released {_describe(self.keys)} but this request does not hold it ({self.state})")
-        self.state = RELEASING
-        self.cancel_watchdog()
-        if lock._tickets.get(self.ticket) is self:
-            del lock._tickets[self.ticket]
-        assert lock._loop is not None
-        in_time = lock._loop.time() < self.deadline
-        task = asyncio.ensure_future(
-            lock._call(_RELEASE, [self.record], [lock._namespace, self.ticket, str(self._token)], f"release {_describe(self.keys)}")
-        )
-        cancelled = await _finish_uncancellable(task)
-        now = lock._clock()
-        failure = None if task.cancelled() else task.exception()
-        if failure is not None:
-            if self.lost is None and in_time:
-                # The block ran under a valid lease; the keys pass on when it runs out.
-                logger.warning(
-                    "RedisKeyedLock: could not release %s (%s); it passes on when its lease runs out", _describe(self.keys), failure
-                )
-            elif self.lost is None:
-                self.lost = LockLost(
-                    f"{self.label_text!r} cannot tell whether it still held {_describe(self.keys)} (token {self._token}) "
-                    f"at the end of its block: its lease of {lock._lease:g} s was not renewed in time and Redis at "
-                    f"{lock.url} is unreachable",
-                    keys=self.keys,
-                    url=lock.url,
-                )
-                self.lost.__cause__ = failure
-                lock._losses += 1
-        elif not task.cancelled() and int(task.result()) != 1 and self.lost is None:
-            self.lost = LockLost(
-                f"{self.label_text!r} lost the lock on {_describe(self.keys)} (token {self._token}) before its block "
-                f"ended: its lease of {lock._lease:g} s ran out (the process was paused or cut off), or Redis at "
-                f"{lock.url} restarted or lost its data; another caller may have held it meanwhile",
-                keys=self.keys,
-                url=lock.url,
-            )
-            lock._losses += 1
-        self.state = DONE
-        held = lock._local_release(self, now)
-        if lock._observers:
-            lock._emit([self._event("released", now, held=held)])
-        owner = self.owner
-        if self.lost is not None:
-            if self.cancelled_by_lock and owner is not None:
-                owner.uncancel()
-            if owner is not None and owner.cancelling():
-                raise asyncio.CancelledError  # cancelled by someone else too: that wins
-            raise self.lost from (exc if exc is not None else self.lost.__cause__)
-        if cancelled:
-            raise asyncio.CancelledError
-
-
-async def _finish_uncancellable(task: asyncio.Future[Any]) -> bool:
-    """Await ``task`` to its end even if the caller is cancelled meanwhile; return whether it was."""
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done() and task.cancelled():
-                break
-            cancelled = True
-        except BaseException:
-            break
-    return cancelled
-
-
-def _set_result(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
