@@ -37,16 +37,16 @@ def fingerprint(store: CowVectorStore) -> tuple[int, list[tuple[Any, ...]]]:
 
 async def build_v1() -> CowVectorStore:
     store = open_store()
-    await store.add_document("a.md", "alpha one\n\nalpha two is longer than forty chars", {"lang": "en"})
-    await store.add_document("b.md", "bravo")
+    await store.aadd_document("a.md", "alpha one\n\nalpha two is longer than forty chars", {"lang": "en"})
+    await store.aadd_document("b.md", "bravo")
     store.add_texts(["loose", "gone"], [{"n": 1, "f": 0.5, "l": [1, "x"], "none": None}, {}], ids=["t1", "t2"])
     store.delete(["t2"])  # a tombstone that must survive the round trip
     return store
 
 
 async def make_v2(store: CowVectorStore) -> None:
-    await store.add_document("a.md", "alpha replaced")  # tombstones rows of an existing segment
-    await store.remove_document("b.md")  # b's segment dies entirely: its files become stale
+    await store.aadd_document("a.md", "alpha replaced")  # tombstones rows of an existing segment
+    await store.aremove_document("b.md")  # b's segment dies entirely: its files become stale
     store.add_texts(["new text"], ids=["t3"])
 
 
@@ -71,7 +71,7 @@ async def test_round_trip_keeps_documents_tombstones_versions_and_search(saved_v
     names = sorted(p.name for p in directory.iterdir())
     assert names[0] == "manifest.json" and len(names) == 7 and all(n.startswith("seg-") for n in names[1:])
     assert not any(p.suffix == ".pkl" or b"pickle" in p.read_bytes()[:100] for p in directory.iterdir())
-    await loaded.add_document("c.md", "charlie")  # a loaded store is a normal store
+    await loaded.aadd_document("c.md", "charlie")  # a loaded store is a normal store
     assert loaded.version == 5
 
 
