@@ -341,12 +341,13 @@ def _eq_codes(col: FieldColumn, operands: tuple[Any, ...]) -> tuple[np.ndarray, 
 
 def _in_mask(col: FieldColumn, operands: tuple[Any, ...]) -> np.ndarray:
     codes, has_none, _ = _eq_codes(col, operands)
-    if len(codes) == 1:
+    if len(codes) == 1 and not has_none:
         mask = col.codes == codes[0]
-    else:
-        mask = np.isin(col.codes, codes)
-    if has_none:
-        mask |= col.codes == _MISSING
+    else:  # a lookup table by code, gathered per row: O(rows), however many operands
+        table = np.zeros(len(col.values) + 2, dtype=bool)  # codes -2 and -1 index the two extra slots
+        table[codes] = True
+        table[_MISSING] = has_none
+        mask = table[col.codes]
     for row in col.unhashable.tolist():
         v = col.raw[row]
         mask[row] = any(v == o for o in operands)
@@ -357,8 +358,9 @@ def _range_mask(col: FieldColumn, op: str, operand: Any) -> np.ndarray:
     if _is_number(operand):
         per_code = col.numbers()
         x = _as_float(operand)
+        compare = {"$gt": np.greater, "$gte": np.greater_equal, "$lt": np.less, "$lte": np.less_equal}[op]
         with np.errstate(invalid="ignore"):
-            ok = {"$gt": per_code > x, "$gte": per_code >= x, "$lt": per_code < x, "$lte": per_code <= x}[op]
+            ok = compare(per_code, x)  # NaN (not a number) compares False
     else:
         ordered, ranks = col.strings()
         if op == "$gt":

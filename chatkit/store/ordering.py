@@ -10,8 +10,10 @@ Invariants:
 * One ``threading.Lock`` (the guard) protects the queues; nobody waits or runs user code while holding it.
   Async writers (on any event loop) and plain threads share one order.
 * Each key has a FIFO queue of the unfinished tickets that name it (an ``OrderedDict``: O(1) append, O(1)
-  removal from anywhere). A multi-key ticket joins all its queues in one step under the guard, so any two
-  tickets are in the same relative order in every queue they share: no deadlock.
+  removal from anywhere); a key with one ticket stores the ticket alone (no queue object: a batch of
+  thousands of new sources costs one dict entry each). A multi-key ticket joins all its queues in one step
+  under the guard, so any two tickets are in the same relative order in every queue they share: no
+  deadlock.
 * ``ticket.blocked`` counts the queues in which the ticket is not at the head; its turn has come exactly
   when it is 0. Finishing a ticket decrements the count of each new head, so every operation costs
   O(keys of the ticket), whatever the batch sizes.
@@ -69,15 +71,17 @@ class WriteOrder:
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._queues: dict[Hashable, OrderedDict[Ticket, None]] = {}
+        # key -> its only unfinished ticket, or the FIFO queue of them; absent when none
+        self._queues: dict[Hashable, Ticket | OrderedDict[Ticket, None]] = {}
 
     def __repr__(self) -> str:
-        return f"<WriteOrder keys={len(self._queues)} tickets={len({t for q in self._queues.values() for t in q})}>"
+        tickets = {t for q in list(self._queues.values()) for t in ((q,) if isinstance(q, Ticket) else q)}
+        return f"<WriteOrder keys={len(self._queues)} tickets={len(tickets)}>"
 
     def pending(self, key: Hashable) -> int:
         """How many unfinished tickets name ``key``."""
         q = self._queues.get(key)
-        return 0 if q is None else len(q)
+        return 0 if q is None else 1 if isinstance(q, Ticket) else len(q)
 
     def busy(self) -> bool:
         """Whether any ticket is unfinished."""
@@ -88,14 +92,18 @@ class WriteOrder:
         ticket = Ticket(tuple(dict.fromkeys(keys)))
         with self._guard:
             queues = self._queues
+            blocked = 0
             for key in ticket.keys:
-                q = queues.get(key)
-                if q is None:
-                    queues[key] = OrderedDict({ticket: None})
+                q = queues.setdefault(key, ticket)
+                if q is ticket:
+                    continue
+                blocked += 1
+                if type(q) is Ticket:
+                    queues[key] = OrderedDict(((q, None), (ticket, None)))
                 else:
-                    q[ticket] = None
-                    ticket.blocked += 1
-            ticket.turn = ticket.blocked == 0
+                    q[ticket] = None  # type: ignore[index]
+            ticket.blocked = blocked
+            ticket.turn = blocked == 0
         return ticket
 
     def wait(self, ticket: Ticket) -> None:
@@ -126,6 +134,10 @@ class WriteOrder:
             queues = self._queues
             for key in ticket.keys:
                 q = queues[key]
+                if q is ticket:
+                    del queues[key]
+                    continue
+                assert type(q) is OrderedDict
                 was_head = next(iter(q)) is ticket
                 del q[ticket]
                 if not q:

@@ -56,7 +56,22 @@ class Batch:
     chunks: list[int | None] = field(default_factory=list)
     vectors: np.ndarray | None = None
     index: Any = None  # the faiss index for ``vectors``, built outside the guard
-    by_source: dict[str, list[str]] = field(default_factory=dict)  # source -> its chunk ids, in order
+    by_source: dict[str, tuple[str, ...]] = field(default_factory=dict)  # source -> its chunk ids, in order
+    built: Segment | None = None  # the rows as a segment (version unknown yet), built outside the guard
+
+    def segment(self) -> Segment:
+        """The batch's rows as an unpublished segment (built once; :meth:`Segment.stamped` gives it its version)."""
+        if self.built is None:
+            self.built = Segment(
+                index=self.index,
+                ids=self.ids,
+                texts=self.texts,
+                metadatas=self.metadatas,
+                sources=self.sources,
+                chunks=self.chunks,
+                versions=(0,) * len(self.ids),
+            )
+        return self.built
 
 
 @dataclass(slots=True)
@@ -74,6 +89,16 @@ def _live_in(state: StoreSnapshot, seg: Segment) -> np.ndarray | None:
         if s is seg:
             return live
     return np.zeros((seg.n + 7) // 8, dtype=np.uint8)
+
+
+def _distinct(rows: np.ndarray) -> np.ndarray:
+    """Sorted distinct rows (``np.unique`` imports a module on first use, which would cost the first
+    publish tens of milliseconds under the guard)."""
+    rows = np.sort(rows)
+    keep = np.empty(len(rows), dtype=bool)
+    keep[:1] = True
+    np.not_equal(rows[1:], rows[:-1], out=keep[1:])
+    return rows[keep]
 
 
 class Publisher:
@@ -183,6 +208,7 @@ class Publisher:
                 dim = int(batch.vectors.shape[1])
             replaced: Counter[str] = Counter()
             kill_set = set(kill_sources) if len(kill_sources) > 8 else frozenset(kill_sources)
+            kill_id_set = set(kill_ids) if kill_ids and len(kill_ids) > len(cur.segments) else frozenset()
             segments: list[Segment] = []
             lives: list[np.ndarray | None] = []
             deads: list[int] = []
@@ -205,15 +231,19 @@ class Publisher:
                         if rows.size:
                             doomed.append(rows)
                             replaced[source] += int(rows.size)
-                for doc_id in kill_ids:
-                    row = seg.id_to_row.get(doc_id)
-                    if row is not None:
-                        rows = np.array([row], dtype=np.int64)
-                        if is_live(live, rows)[0]:
+                if kill_ids:
+                    if len(kill_ids) <= seg.n:
+                        found = [r for r in map(seg.id_to_row.get, kill_ids) if r is not None]
+                    else:
+                        found = [r for i, r in seg.id_to_row.items() if i in kill_id_set]
+                    if found:
+                        rows = _distinct(np.array(found, dtype=np.int64))  # delete() may repeat an id
+                        rows = rows[is_live(live, rows)]
+                        if rows.size:
                             doomed.append(rows)
                 if doomed:
                     changed = True
-                    rows = np.unique(np.concatenate(doomed))
+                    rows = doomed[0] if len(doomed) == 1 else _distinct(np.concatenate(doomed))
                     dead += len(rows)
                     if dead == seg.n:
                         continue  # every row dead: drop the whole segment now
@@ -223,18 +253,7 @@ class Publisher:
                 deads.append(dead)
             if adding:
                 assert batch is not None
-                version_rows = [cur.version + 1] * len(batch.ids)
-                segments.append(
-                    Segment(
-                        index=batch.index,
-                        ids=batch.ids,
-                        texts=batch.texts,
-                        metadatas=batch.metadatas,
-                        sources=batch.sources,
-                        chunks=batch.chunks,
-                        versions=version_rows,
-                    )
-                )
+                segments.append(batch.segment().stamped(cur.version + 1))
                 lives.append(None)
                 deads.append(0)
             elif not changed:

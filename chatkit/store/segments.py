@@ -109,6 +109,16 @@ class Segment:
             fields = self._fields = SegmentFields(self)
         return fields
 
+    def stamped(self, version: int) -> Segment:
+        """A segment with these very rows (shared, not copied), all published at ``version``: what a
+        write builds off the publish path before its version is known."""
+        seg = object.__new__(Segment)
+        for name in Segment.__slots__:
+            setattr(seg, name, getattr(self, name))
+        seg.versions = (version,) * self.n
+        seg._fields = None
+        return seg
+
     @property
     def n(self) -> int:
         """The number of rows, live or not."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import itertools
 import threading
 import uuid
 from collections import Counter
@@ -32,6 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
@@ -64,6 +66,8 @@ if TYPE_CHECKING:
 __all__ = ["CowVectorStore"]
 
 Item = tuple[str, object, object]  # (source, content, metadata) as given; checked in the write pool
+
+_RECORDS_PER_STEP = 500  # aadd_sources builds its records in slices, yielding to the loop between them
 
 
 class _EmbeddingsSlot:
@@ -347,27 +351,40 @@ class CowVectorStore(VectorStore):
         """Embed ``batch.texts`` (in the calling thread) and build their faiss index."""
         with self._span("embed", who, key):
             emb = self._emb.get()
-            raw = embed_in_batches(
+            who_emb = type(emb).__name__
+            dim = [self._pub.state.dim]  # the store's, else the first batch's: every batch must agree
+
+            def convert(raw: Any, n: int) -> np.ndarray:
+                matrix = as_matrix(raw, n, dim[0], who_emb)
+                if dim[0] is None and n:
+                    dim[0] = int(matrix.shape[1])
+                return matrix
+
+            parts = embed_in_batches(
                 emb,
                 batch.texts,
                 batch_size=self._embed_batch_size,
                 progress=self._progress,
+                convert=convert,
                 desc=f"embedding {key}" if isinstance(key, str) else "embedding",
             )
-            batch.vectors = as_matrix(raw, len(batch.texts), self._pub.state.dim, type(emb).__name__)
+            batch.vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
             batch.index = build_index(batch.vectors) if len(batch.texts) else None
+            if batch.ids:
+                batch.segment()  # the row tables too: publishing then costs what the swap needs, no more
         return batch
 
     def _prepare_sources(self, items: Sequence[Item], who: str, key: Any) -> Batch:
         """Check, split and embed documents (runs on the write pool)."""
         batch = Batch()
         for source, content, metadata in items:
+            source = check_source(source)  # (add_sources takes its tickets before checking the names)
             text = check_content(content, source)
             md = check_metadata(metadata, source)
             pieces = self._split(text)
             if not pieces:
                 raise ValueError(f"content of {source!r} produced no chunks")
-            ids = [uuid.uuid4().hex for _ in pieces]
+            ids = tuple(uuid.uuid4().hex for _ in pieces)
             batch.by_source[source] = ids
             batch.ids.extend(ids)
             batch.texts.extend(pieces)
@@ -426,24 +443,37 @@ class CowVectorStore(VectorStore):
 
     @staticmethod
     def _items(documents: object, metadata: object) -> list[Item]:
-        """``add_sources`` arguments as items; only the sources are checked here (they are the write's
-        keys): the rest is checked on the write pool."""
+        """``add_sources`` arguments as items. Only their shape is checked here, in C-speed steps (on the
+        event loop, before the ticket); sources, contents and metadata are checked on the write pool."""
         if not isinstance(documents, Mapping):
             raise TypeError(f"documents must map sources to contents, got {type(documents).__name__}")
         if metadata is not None and not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must map sources to dicts, got {type(metadata).__name__}")
-        extra = set(metadata or ()) - set(documents)
-        if extra:
-            raise ValueError(f"metadata given for sources that are not being added: {sorted(extra, key=repr)!r}")
-        md = metadata or {}
-        return [(check_source(source), content, md.get(source)) for source, content in documents.items()]
+        if metadata:
+            extra = set(metadata) - set(documents)
+            if extra:
+                raise ValueError(f"metadata given for sources that are not being added: {sorted(extra, key=repr)!r}")
+            get = metadata.get
+            return [(source, content, get(source)) for source, content in documents.items()]
+        return [(source, content, None) for source, content in documents.items()]
 
     @staticmethod
-    def _records(batch: Batch, published: Published) -> tuple[DocumentRecord, ...]:
-        return tuple(
-            DocumentRecord(source, len(ids), published.version, tuple(ids), published.replaced[source])
-            for source, ids in batch.by_source.items()
-        )
+    def _records(batch: Batch, published: Published, start: int = 0, stop: int | None = None) -> list[DocumentRecord]:
+        replaced, version = published.replaced, published.version
+        return [
+            DocumentRecord(source, len(ids), version, ids, replaced.get(source, 0))
+            for source, ids in itertools.islice(batch.by_source.items(), start, stop)
+        ]
+
+    async def _arecords(self, batch: Batch, published: Published) -> tuple[DocumentRecord, ...]:
+        """:meth:`_records`, yielding to the event loop between slices of a big batch."""
+        out: list[DocumentRecord] = []
+        n = len(batch.by_source)
+        for start in range(0, n, _RECORDS_PER_STEP):
+            if start:
+                await asyncio.sleep(0)  # (the write is published: a cancellation here leaves it so)
+            out.extend(self._records(batch, published, start, start + _RECORDS_PER_STEP))
+        return tuple(out)
 
     # ------------------------------------------------------------------ the ordered write path
 
@@ -580,7 +610,7 @@ class CowVectorStore(VectorStore):
             return ()
         batch, published = self._write("add_sources", items, [s for s, _, _ in items])
         assert batch is not None and published is not None
-        return self._records(batch, published)
+        return tuple(self._records(batch, published))
 
     async def aadd_sources(
         self, documents: Mapping[str, str], *, metadata: Mapping[str, Mapping[str, Any]] | None = None
@@ -597,7 +627,7 @@ class CowVectorStore(VectorStore):
             return ()
         batch, published = await self._awrite("add_sources", items, [s for s, _, _ in items])
         assert batch is not None and published is not None
-        return self._records(batch, published)
+        return await self._arecords(batch, published)
 
     def remove_document(self, source: str) -> bool:
         """Remove every chunk of ``source`` in one step; whether it was there. Blocks until published,

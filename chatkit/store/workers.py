@@ -116,9 +116,9 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[T] = loop.create_future()
 
-        def done(_: Future[T]) -> None:  # runs in whichever thread finished (or cancelled) the job
-            try:
-                loop.call_soon_threadsafe(_transfer, job, waiter, what)
+        def done(finished: Future[T]) -> None:  # runs in whichever thread finished (or cancelled) the job
+            try:  # (``finished``, not ``job``: a closure over the job would be a cycle keeping its result)
+                loop.call_soon_threadsafe(_transfer, finished, waiter, what)
             except RuntimeError:  # the waiter's loop is closed: nobody is left to tell
                 pass
 
