@@ -125,7 +125,7 @@ class DemoServices:
                         continue
                     documents[name] = text
             if documents:
-                await store.add_documents(documents)  # one atomic publish
+                await store.aadd_sources(documents)  # one atomic publish
             self.store = store
             self.loaded_sources = tuple(documents)
             self.manager = chatkit.SessionManager(

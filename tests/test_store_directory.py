@@ -112,8 +112,8 @@ def next_report(child: subprocess.Popen[str]) -> dict[str, Any] | None:
 
 
 async def build(store: CowVectorStore) -> None:
-    await store.add_document("a.md", "alpha one\n\nalpha two is longer than forty chars", {"lang": "en"})
-    await store.add_document("b.md", "bravo")
+    await store.aadd_document("a.md", "alpha one\n\nalpha two is longer than forty chars", {"lang": "en"})
+    await store.aadd_document("b.md", "bravo")
     store.add_texts(["loose", "gone"], [{"n": 1}, {}], ids=["t1", "t2"])
     store.delete(["t2"])
 
@@ -153,7 +153,7 @@ async def test_two_savers_never_break_the_directory(
     await build(first)
     first.save(tmp_path)
     second = new_store(stores)
-    await second.add_document("other.md", "a store of its own")
+    await second.aadd_document("other.md", "a store of its own")
     first.add_texts(["new in v5"], ids=["t5"])
     expected = fingerprint(first)
     real = files.fsync_dir
@@ -383,8 +383,8 @@ async def test_refresh_reads_only_new_segments_and_pinned_snapshots_keep_their_v
     assert reader.refresh() is False and writer.refresh() is False
     before = reader.snapshot()
     v1 = fingerprint(reader)
-    await writer.add_document("c.md", "charlie")
-    await writer.remove_document("b.md")
+    await writer.aadd_document("c.md", "charlie")
+    await writer.aremove_document("b.md")
     writer.save()
     read: list[str] = []
     real = files.read_regular
