@@ -117,7 +117,7 @@ async def double_texting(policy: str, *, latency: float = 0.06) -> PolicyResult:
         timeline=timeline,
         policy="enqueue",
     )
-    sid = manager.create_session()
+    sid = await manager.create_session()
     end_of: dict[str, float] = {}
 
     async def send(name: str, text: str, how: str | None) -> Any:

@@ -102,7 +102,7 @@ async def session_race(
     timeline = _GatedTimeline(gate)
     model = ExtractiveChatModel(latency=_gated_latency(gate, owner, latencies))
     manager = SessionManager(model=model, locking=locking, timeline=timeline)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     end_of: dict[str, float] = {}
 
     def request(name: str, question: str) -> Callable[[], Awaitable[Any]]:

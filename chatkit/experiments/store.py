@@ -55,7 +55,8 @@ async def store_race(*, cow: bool, parts: int = 6, max_searches: int = 500) -> S
     searches) until the writer is done, and checks each result set: the document must be there completely,
     in exactly one version. The naive store (``cow=False``) removes and adds chunks one at a time, yielding
     after each, so the reader sees the document shrink and grow: a partial document on every run.
-    ``CowVectorStore`` (``cow=True``) embeds in a worker thread and publishes all chunks in one swap.
+    ``CowVectorStore`` (``cow=True``) embeds on its write pool (the timeline shows the writer holding
+    nothing meanwhile) and publishes all chunks in one swap.
     Both use :class:`~chatkit.HashEmbeddings`: fast and offline.
 
     Args:
@@ -83,8 +84,8 @@ async def store_race(*, cow: bool, parts: int = 6, max_searches: int = 500) -> S
         from ..store import NaiveVectorStore
 
         store = NaiveVectorStore(embeddings, chunk_size=80, chunk_overlap=0, timeline=timeline)
-    await store.add_document("other.md", "Another document that nobody edits.\n\nIt has two parts.")
-    first = await store.add_document("guide.md", _versioned_text(1, parts))
+    await store.aadd_document("other.md", "Another document that nobody edits.\n\nIt has two parts.")
+    first = await store.aadd_document("guide.md", _versioned_text(1, parts))
     timeline.clear()
     writer_done = asyncio.Event()
     searches: list[tuple[float, dict[int, int]]] = []  # (when, {store version: chunks seen})
@@ -93,7 +94,7 @@ async def store_race(*, cow: bool, parts: int = 6, max_searches: int = 500) -> S
 
     async def writer() -> None:
         try:
-            second.append(await store.add_document("guide.md", _versioned_text(2, parts)))
+            second.append(await store.aadd_document("guide.md", _versioned_text(2, parts)))
         finally:
             writer_done.set()
 
@@ -114,7 +115,11 @@ async def store_race(*, cow: bool, parts: int = 6, max_searches: int = 500) -> S
             else:
                 await asyncio.sleep(0)
 
-    outcomes = await _gather_named([("writer", writer), ("reader", reader)])
+    try:
+        outcomes = await _gather_named([("writer", writer), ("reader", reader)])
+    finally:
+        if cow:
+            await store.aclose()  # its worker threads end here
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
