@@ -280,7 +280,10 @@ def test_the_core_install(core_venv: Venv) -> None:
         import sysconfig, chatkit
         assert chatkit.__file__.startswith(sysconfig.get_paths()["purelib"]), chatkit.__file__  # the wheel
         for name in chatkit.__all__:
-            getattr(chatkit, name)
+            try:
+                getattr(chatkit, name)
+            except ModuleNotFoundError as exc:  # a class built on an extra's package
+                assert name in {"FencedPostgresSaver", "FencedSqliteSaver"} and "pip install" in str(exc), exc
         for use in (lambda: chatkit.default_embeddings(), lambda: chatkit.Timeline().plot()):
             try:
                 use()

@@ -171,7 +171,7 @@ def test_keyed_lock_and_session_manager_made_in_the_callers_loop_work_inside(kin
         async with lock("k"):  # used in the notebook's loop first
             pass
         manager = chatkit.SessionManager()
-        sid = manager.create_session()
+        sid = await manager.create_session()
         await manager.chat(sid, "first")
 
         async def in_run() -> None:
