@@ -321,8 +321,9 @@ def build_postgres() -> type:
                 )
                 if refusal is not None:
                     raise refusal
-                result = await super().aput(config, checkpoint, metadata, new_versions)
-                await self._set_fence(cur, thread_id, _newest(row["token"], f.token), f.writer)
+                async with cur.connection.pipeline():  # the writes go out together: one round trip
+                    result = await super().aput(config, checkpoint, metadata, new_versions)
+                    await self._set_fence(cur, thread_id, _newest(row["token"], f.token), f.writer)
             return result
 
         @staticmethod
@@ -366,7 +367,8 @@ def build_postgres() -> type:
             async with self._fenced(thread_id) as (cur, row):
                 if is_stale(token, row["token"]):
                     raise stale_token(thread_id, token=token, newest=row["token"], doing="prune")  # type: ignore[arg-type]
-                await prune_postgres_rows(cur, thread_id, keep)
+                async with cur.connection.pipeline():
+                    await prune_postgres_rows(cur, thread_id, keep)
 
     FencedPostgresSaver.__module__ = _FENCING_MODULE
     return FencedPostgresSaver
