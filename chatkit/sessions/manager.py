@@ -13,15 +13,18 @@ How a turn works (``locking=True``):
    joined it (a stream's turn runs in its own task, which may start a moment later), so the lock serves
    them in arrival order; ``lock_timeout`` counts from arrival.
 3. Read the thread's latest checkpoint: no checkpoint means no session (unless ``create_if_missing``), and
-   one idle past ``session_ttl`` means an expired one.
+   one idle past ``session_ttl`` means an expired one. With a cross-process lock, the turn first *claims*
+   the thread on the fenced checkpointer (raises its newest fencing token to the turn's own).
 4. Compute: run the graph on a :class:`~chatkit.sessions.sandbox.TurnSandbox` that starts from that
    checkpoint and keeps what the run saves in memory, inside ``turn_timeout``. Nothing is written while the
    graph runs, so a model or tool error, a timeout or a cancellation leaves the thread exactly as it was.
 5. Commit: one write, :meth:`~chatkit.sessions.threads.ThreadStore.commit`, stores the run's final
    checkpoint (the whole state: user message, tool calls and results, reply, custom keys) as a child of
-   the checkpoint read in step 3. The write is shielded from cancellation; a caller cancelled during it
-   gets ``CancelledError`` once it has finished, and the turn is reverted (one more checkpoint with the
-   pre-turn state).
+   the checkpoint read in step 3. On a fenced checkpointer this is a compare-and-set inside the database
+   transaction (refused with :class:`~chatkit.StaleCommit` if the head moved or a newer lock holder claimed
+   the thread). The write is shielded from cancellation; a caller cancelled during it gets
+   ``CancelledError`` once it has finished, and the turn is reverted (one more checkpoint with the
+   pre-turn state); a turn whose lock was lost while it was written keeps what the database decided.
 6. Prune the thread's old checkpoints (``keep_checkpoints``), then release the lock.
 
 LangGraph's own ``ainvoke`` is not atomic (it checkpoints the input message before the model runs, and
@@ -165,7 +168,10 @@ class SessionManager:
             ``store.as_retriever()`` and the model answers from them.
         checkpointer: any async LangGraph ``BaseCheckpointSaver`` (default: a new ``InMemorySaver``).
         lock: any lock implementing :class:`~chatkit.locks.AsyncKeyLock` (default: a new
-            :class:`~chatkit.KeyedLock`); a lock shared by several processes serializes their turns.
+            :class:`~chatkit.KeyedLock`). A :class:`~chatkit.RedisKeyedLock` shared by several processes
+            serializes their turns and carries the policies across them (see
+            :mod:`chatkit.sessions.coordination`); it needs a fenced ``checkpointer``
+            (:mod:`chatkit.sessions.fencing`), whose commits a worker that lost its lock cannot overwrite.
         policy: what a message does when its session is busy: ``"enqueue"`` (wait, FIFO), ``"reject"``
             (raise :class:`~chatkit.SessionBusy` at once), ``"interrupt"`` (cancel the running turn but
             keep its user message, then run), ``"rollback"`` (cancel the running turn and discard it, then
@@ -193,7 +199,8 @@ class SessionManager:
 
     Raises:
         TypeError: a ``graph``, ``model``, ``store``, ``checkpointer`` (a sync-only saver such as
-            ``SqliteSaver`` included) or ``lock`` of the wrong kind, or a non-numeric limit.
+            ``SqliteSaver`` included) or ``lock`` of the wrong kind, a non-numeric limit, or a cross-process
+            lock with a checkpointer that is not fenced (the message names the fenced saver to use).
         ValueError: an unknown policy, a non-positive limit, a policy other than ``"enqueue"`` with
             ``locking=False``, ``model``/``store``/``retrieve_k`` together with ``graph``, or a graph
             without a ``messages`` channel.
@@ -626,10 +633,16 @@ class SessionManager:
             ValueError: a bad message (the error names the limit or the character) or policy, or a config
                 that names the thread; nothing is saved.
             SessionNotFound: unknown, deleted, expired or malformed id (without ``create_if_missing``).
-            SessionBusy: policy ``"reject"`` and a turn is running or queued on the session.
+            SessionBusy: policy ``"reject"`` and a turn is running or queued on the session (in any process,
+                with a cross-process lock).
             TurnInterrupted: a newer message superseded this one (policies ``"interrupt"``, ``"rollback"``).
             LockTimeout: earlier turns kept the session busy longer than ``lock_timeout``.
             TimeoutError: the graph run took longer than ``turn_timeout``; nothing is saved.
+            StaleCommit: a fenced checkpointer refused the turn's commit (another writer committed first,
+                or this worker lost the session's lock); nothing is saved, every committed turn stays.
+            LockLost: (cross-process lock) the session's lock was lost before the turn committed; nothing
+                is saved.
+            LockServerUnavailable: (cross-process lock) its Redis server could not be reached.
             RuntimeError: the manager is closed, the call comes from a turn of this very session (its
                 model, a tool, a node), or the graph stopped at ``interrupt()``.
             Exception: whatever the graph (model, tool, retriever) raised; nothing is saved.
