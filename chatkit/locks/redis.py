@@ -161,8 +161,8 @@ class RedisKeyedLock:
       holders and waiters that cannot renew give up at their lease deadline.
 
     Local and exact views: :meth:`is_busy`, :meth:`locked`, :meth:`waiters`, ``len(lock)`` and
-    :meth:`statistics` answer at once for *this* lock object's requests (no round trip); :meth:`status`
-    and :meth:`ais_busy` ask Redis about every process.
+    :meth:`statistics` answer at once for *this* lock object's requests (no round trip); :meth:`status`,
+    :meth:`ais_busy` and :meth:`tickets` ask Redis about every process.
 
     One event loop: the lock binds to the loop that first uses it (its connections live there); make one
     per loop. Close it with ``await lock.aclose()`` or ``async with RedisKeyedLock(...) as lock:``.
