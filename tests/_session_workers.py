@@ -97,7 +97,11 @@ async def _serve(config: dict[str, Any], commands: Connection, events: Connectio
             return ("ok", result.turn, result.reply)
 
         async def run(rid: int, make: Callable[[], Any]) -> None:
-            events.send(("result", rid, await make()))
+            try:
+                result = await make()
+            except Exception as exc:  # a command that failed (not a turn: those report their errors)
+                result = ("crashed", f"{type(exc).__name__}: {exc}")
+            events.send(("result", rid, result))
 
         def start(rid: int, make: Callable[[], Any]) -> None:
             task = loop.create_task(run(rid, make))
@@ -238,9 +242,17 @@ class WorkerProcess:
         self._commands.send(("release_commit", text))
 
     def result(self, rid: int) -> Any:
+        """The result of request ``rid`` (a turn's outcome, a history, ...).
+
+        Raises:
+            RuntimeError: the command itself failed in the worker.
+        """
         self._until(lambda: rid in self._results, f"the result of request {rid}")
         with self._changed:
-            return self._results.pop(rid)
+            result = self._results.pop(rid)
+        if isinstance(result, tuple) and result[:1] == ("crashed",):
+            raise RuntimeError(f"worker {self.name}: {result[1]}")
+        return result
 
     def history(self, sid: str) -> list[tuple[str, str]]:
         return self.result(self._request("history", sid))  # type: ignore[no-any-return]
