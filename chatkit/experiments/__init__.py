@@ -10,6 +10,9 @@ Every race shows on *every* run, by construction rather than by luck:
 * after the gate, chosen latencies decide who finishes first (the first request is the slowest, so the
   naive run also finishes in reverse order).
 
+:func:`compare_scaleout_race` runs its race across two OS processes sharing one checkpointer (the naive
+version: a lock per process; the fix: ``RedisKeyedLock`` and a fenced saver, on a throwaway Redis server).
+
 Each experiment returns a frozen result with its :class:`~chatkit.Timeline`, what was expected, what was
 observed and the :class:`Anomaly` list (lost messages, reordered messages, lost LangGraph turns,
 partial documents). ``result.summary()`` is one deterministic line (no timings), which is what the
@@ -32,6 +35,7 @@ from ._common import QUESTIONS, Anomaly, Comparison, InFlight, RaceResult, find_
 from .checkpointer import CheckpointRaceResult, checkpointer_race, compare_checkpointer_race
 from .locks import LockDemoResult, lock_fifo, multi_key_deadlock, shared_across_threads
 from .policies import PolicyComparison, PolicyResult, compare_double_texting, double_texting
+from .scaleout import ScaleoutRaceResult, compare_scaleout_race, scaleout_race
 from .sessions import SessionRaceResult, compare_session_race, session_race
 from .store import StoreRaceResult, compare_store_race, store_race
 
@@ -59,4 +63,7 @@ __all__ = [
     "StoreRaceResult",
     "store_race",
     "compare_store_race",
+    "ScaleoutRaceResult",
+    "scaleout_race",
+    "compare_scaleout_race",
 ]
