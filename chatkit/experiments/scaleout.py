@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .._optional import optional_import
 from ..timeline import Timeline, TimelineRow
 from ._common import Comparison, RaceResult, _mark_overwrites, find_history_anomalies
 
@@ -77,8 +78,8 @@ def _process_main(name: str, commands: Connection, results: Connection, arrived:
     """A worker process: for each ``("run", spec)`` command, one ``chat()`` on the shared session."""
     from .. import sessions  # noqa: F401  (imported before the first run, so both processes start it together)
 
-    with contextlib.suppress(ImportError):
-        import langgraph.checkpoint.sqlite.aio  # noqa: F401
+    with contextlib.suppress(ImportError):  # imported before the first run, as above
+        optional_import("langgraph.checkpoint.sqlite.aio", extra="sqlite")
     results.send(("ready",))
     while True:
         command = commands.recv()
@@ -170,13 +171,7 @@ def _saver_class(fixed: bool) -> Any:
         from ..sessions.fencing import FencedSqliteSaver
 
         return FencedSqliteSaver
-    try:
-        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-    except ImportError as exc:
-        raise ImportError(
-            "the scale-out experiment needs the 'langgraph-checkpoint-sqlite' package: pip install langgraph-checkpoint-sqlite"
-        ) from exc
-    return AsyncSqliteSaver
+    return optional_import("langgraph.checkpoint.sqlite.aio", extra="sqlite", feature="the scale-out experiment").AsyncSqliteSaver
 
 
 # ------------------------------------------------------------------------------------------- in the parent
