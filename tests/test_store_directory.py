@@ -539,6 +539,7 @@ def test_one_writer_and_reader_processes_with_the_writer_killed_at_random_points
             # Read the rest through the same text wrapper: communicate() would read the pipe directly and
             # miss the lines that readline() already buffered (reports of saves that did happen).
             out = child.stdout.read()  # type: ignore[union-attr]
+            child.stdout.close()  # type: ignore[union-attr]
             child.stdin.close()  # type: ignore[union-attr]
             child.wait()
         for line in out.splitlines():  # saves it reported between our last read and its death
