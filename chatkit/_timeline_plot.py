@@ -377,7 +377,7 @@ def _draw(
             markeredgecolor="white",
             markeredgewidth=0.8,
             linestyle="none",
-            zorder=4,
+            zorder=4 if st.damage else 4.5,  # a read or write drawn over a damage mark at the same moment
         )
         text = row.detail or row.phase
         right_side = (x - lo) > 0.68 * (hi - lo)  # near the right edge: the label ends at the marker

@@ -272,7 +272,7 @@ async def test_fake_llm_answers_quicker_requests_first_whatever_the_timers() -> 
         await asyncio.gather(ask("A"), ask("B"))  # A starts thinking first
         assert done == ["B", "A"]
     sequential = FakeLLM(seconds={"B": 0.0, "A": 0.01})
-    assert await sequential([], "q", who="A") == "answer to 'q' (saw 0 messages)"  # alone: nobody to wait for
+    assert await sequential([], "q", who="A") == 'answer to "q" (saw 0 messages)'  # alone: nobody to wait for
     with pytest.raises(ValueError, match="'A'"):
         FakeLLM(seconds={"A": -1.0})
 
@@ -287,6 +287,7 @@ def test_mark_lost_updates_follows_the_state_through_every_write() -> None:
                           ("A", "write", 3), ("C", "write", 4)]:
         tl.add(TimelineRow(who, phase, t))
     assert mark_lost_updates(tl) == ("A",)
+    assert mark_lost_updates(tl) == ("A",)  # marking again adds nothing
     [lost] = [r for r in tl.rows() if r.phase == "lost message"]
     assert (lost.who, lost.start, lost.detail) == ("A", 4, "overwritten by C")
 

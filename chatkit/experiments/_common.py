@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from langgraph.checkpoint.memory import InMemorySaver
 
 from ..locks import LockEvent
-from ..timeline import Timeline, TimelineRow, _who, plot_timelines
+from ..timeline import _LANE, Timeline, TimelineRow, _who, plot_timelines
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -230,7 +230,7 @@ class FakeLLM:
         ...         done.append(await coro)
         ...     return done
         >>> asyncio.run(main())
-        ["answer to 'question of B' (saw 0 messages)", "answer to 'question of A' (saw 0 messages)"]
+        ['answer to "question of B" (saw 0 messages)', 'answer to "question of A" (saw 0 messages)']
     """
 
     def __init__(
@@ -269,16 +269,16 @@ class FakeLLM:
         finally:
             answered.set()
             self._thinking.pop(name, None)
-        return f"answer to {question!r} (saw {len(history)} messages)"
+        return f'answer to "{question}" (saw {_plural(len(history), "message")})'
 
 
 class RecordingSaver(InMemorySaver):
     """An ``InMemorySaver`` that marks every read of a thread's latest state and every write on a timeline.
 
     A read is marked ``read`` with ``saw N messages``; a write ``write`` with ``wrote N messages``
-    (``N``: the ``messages`` channel of the checkpoint read or written), in the current lane (see
-    :func:`chatkit.timeline.lane`). Set ``recording = False`` to stop marking (e.g. before reading the
-    history once the race is over).
+    (``N``: the ``messages`` channel of the checkpoint read or written), in the current lane. Only the
+    reads and writes of requests that run in a lane (:func:`chatkit.timeline.lane`) are marked, so
+    reading the history once the race is over adds nothing; set ``recording = False`` to stop marking.
 
     Example:
         >>> import chatkit
@@ -302,6 +302,9 @@ class RecordingSaver(InMemorySaver):
     def __repr__(self) -> str:
         return f"<RecordingSaver threads={len(self.storage)} recording={self.recording}>"
 
+    def _marking(self) -> bool:
+        return self.recording and _LANE.get() is not None
+
     @staticmethod
     def _count(checkpoint: Any) -> int:
         messages = (checkpoint or {}).get("channel_values", {}).get("messages") or ()
@@ -309,7 +312,7 @@ class RecordingSaver(InMemorySaver):
 
     async def aget_tuple(self, config: Any) -> Any:
         saved = await super().aget_tuple(config)
-        if self.recording and not config.get("configurable", {}).get("checkpoint_id"):
+        if self._marking() and not config.get("configurable", {}).get("checkpoint_id"):
             n = self._count(saved.checkpoint) if saved is not None else 0
             thread = config.get("configurable", {}).get("thread_id")
             self.timeline.mark("read", key=thread, detail=f"saw {_plural(n, 'message')}")
@@ -317,7 +320,7 @@ class RecordingSaver(InMemorySaver):
 
     async def aput(self, config: Any, checkpoint: Any, metadata: Any, new_versions: Any) -> Any:
         saved = await super().aput(config, checkpoint, metadata, new_versions)
-        if self.recording:
+        if self._marking():
             thread = config.get("configurable", {}).get("thread_id")
             self.timeline.mark("write", key=thread, detail=f"wrote {_plural(self._count(checkpoint), 'message')}")
         return saved
@@ -335,6 +338,8 @@ def mark_lost_updates(timeline: Timeline, *, what: str = "lost message") -> tupl
     write erases every update written after its read, and the state after the last write holds exactly
     the updates that survived. Each lost update is marked ``what`` in its lane, at the write that erased it
     for good, with ``overwritten by <that writer>``.
+
+    Marking twice adds nothing new.
 
     Returns:
         The lanes whose updates were lost, in the order they were erased.
@@ -365,8 +370,14 @@ def mark_lost_updates(timeline: Timeline, *, what: str = "lost message") -> tupl
     own_key = {w.who: w.key for w in writes}
     for who in lost:
         by = erased[who]
-        timeline.add(TimelineRow(who, what, by.start, None, own_key.get(who), None, f"overwritten by {by.who}"))
+        _add_once(timeline, TimelineRow(who, what, by.start, None, own_key.get(who), None, f"overwritten by {by.who}"))
     return tuple(lost)
+
+
+def _add_once(timeline: Timeline, row: TimelineRow) -> None:
+    """Add ``row`` unless the timeline has it already (so marking twice changes nothing)."""
+    if row not in timeline.rows():
+        timeline.add(row)
 
 
 def mark_reordered_writes(timeline: Timeline, *, what: str = "reordered message") -> tuple[str, ...]:
@@ -400,7 +411,7 @@ def mark_reordered_writes(timeline: Timeline, *, what: str = "reordered message"
         written.append(w.who)
         if behind:
             out.append(w.who)
-            timeline.add(TimelineRow(w.who, what, w.start, None, w.key, None, "ahead of " + " and ".join(behind)))
+            _add_once(timeline, TimelineRow(w.who, what, w.start, None, w.key, None, "ahead of " + " and ".join(behind)))
     return tuple(out)
 
 
