@@ -35,3 +35,18 @@ def test_linked_files_exist() -> None:
 def test_readme_shows_the_two_commands() -> None:
     setup = _section("## Set up")
     assert "make demo" in setup and "make test" in setup
+
+
+def test_readme_pictures_of_the_notebooks_are_their_stored_outputs() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_images", README.parent / "docs" / "readme_images.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pictures = list(module.readme_images(README.parent))
+    assert len(pictures) >= 6
+    stale = [name for name, png, _ in pictures if (README.parent / "docs" / "img" / name).read_bytes() != png]
+    assert stale == [], "run: python docs/readme_images.py"
+    text = README.read_text()
+    assert all(f"docs/img/{name}" in text for name, _, _ in pictures)
