@@ -16,9 +16,10 @@ the gap above or below its lane, never over the bars, and placed so that labels 
 Spans too short to see are handled so the picture does not lie: a ``wait`` shorter than 0.4% of the
 axis is not drawn (nobody waited) and gets no legend entry; any other short span is drawn 0.4% wide.
 
-matplotlib and plotly are imported on first use only. Figures are built with
-``matplotlib.figure.Figure`` and an Agg canvas, never through ``pyplot``: no global figure registry,
-no GUI backend, safe in threads and on headless machines.
+matplotlib and plotly (the ``viz`` extra) are imported on first use only, through
+:func:`chatkit._optional.optional_import`. Figures are built with ``matplotlib.figure.Figure`` and an
+Agg canvas (:func:`new_figure`), never through ``pyplot``: no global figure registry, no GUI backend,
+safe in threads and on headless machines.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import io
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from ._optional import optional_import
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -42,6 +45,7 @@ __all__ = [
     "DAMAGE_WORDS",
     "is_damage",
     "lane_label",
+    "new_figure",
     "plot_rows",
     "plot_many",
     "plot_rows_interactive",
@@ -235,6 +239,19 @@ def _mark_styles(kinds: Sequence[str]) -> dict[str, _MarkStyle]:
     return out
 
 
+def new_figure(*, figsize: tuple[float, float], feature: str) -> Figure:
+    """A matplotlib ``Figure`` (constrained layout) on its own Agg canvas, without ``pyplot``.
+
+    Raises:
+        ModuleNotFoundError: matplotlib is missing; the message names ``feature`` and ``chatkit[viz]``.
+    """
+    figure = optional_import("matplotlib.figure", extra="viz", feature=feature)
+    agg = optional_import("matplotlib.backends.backend_agg", extra="viz", feature=feature)
+    fig = figure.Figure(figsize=figsize, layout="constrained")
+    agg.FigureCanvasAgg(fig)
+    return fig  # type: ignore[no-any-return]
+
+
 def plot_rows(
     rows: Sequence[TimelineRow],
     *,
@@ -246,12 +263,8 @@ def plot_rows(
 ) -> Figure:
     """Draw ``rows`` as a Gantt chart on ``ax`` (or on a new figure) and return the figure."""
     if ax is None:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         n_lanes = max(1, len(_lanes(rows)))
-        fig = Figure(figsize=(width, 1.3 + _LANE_INCHES * n_lanes), layout="constrained")
-        FigureCanvasAgg(fig)
+        fig = new_figure(figsize=(width, 1.3 + _LANE_INCHES * n_lanes), feature="Timeline.plot()")
         ax = fig.add_subplot()
     else:
         fig = ax.get_figure()  # type: ignore[assignment]
@@ -271,16 +284,12 @@ def plot_many(
     With ``sharex`` the charts share one time axis (only the bottom one is labelled); without it each
     chart gets its own axis, scaled to its own rows.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not rows_by_title:
         raise ValueError("plot_many() needs at least one timeline, got an empty mapping")
     lanes = [max(1, len(_lanes(rows))) for rows in rows_by_title.values()]
     extra = 0.75 if sharex else 1.15  # title (and, on its own axis, tick labels and the axis label)
     heights = [_LANE_INCHES * n + extra for n in lanes]
-    fig = Figure(figsize=(width, sum(heights) + 0.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(width, sum(heights) + 0.5), feature="plot_timelines()")
     axes = fig.subplots(len(heights), 1, sharex=sharex, squeeze=False, height_ratios=heights)[:, 0]
     for i, (ax, (title, rows)) in enumerate(zip(axes, rows_by_title.items(), strict=True)):
         _draw(ax, rows, title=title, legend=True, styles=(styles or {}).get(title, {}), width=width)
@@ -308,8 +317,8 @@ def _draw(
     styles: Mapping[str, Mapping[str, Any]],
     width: float,
 ) -> None:
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
+    Line2D = optional_import("matplotlib.lines", extra="viz", feature="Timeline.plot()").Line2D
+    Patch = optional_import("matplotlib.patches", extra="viz", feature="Timeline.plot()").Patch
 
     lanes = _lanes(rows)
     lane_y = {who: i for i, who in enumerate(lanes)}
@@ -438,7 +447,7 @@ def _draw(
 
 def plot_rows_interactive(rows: Sequence[TimelineRow], *, title: str | None = None) -> Any:
     """The same chart as a ``plotly.graph_objects.Figure`` (hover shows key, outcome, detail)."""
-    import plotly.graph_objects as go
+    go = optional_import("plotly.graph_objects", extra="viz", feature="Timeline.plot_interactive()")
 
     lanes = _lanes(rows)
     factor, unit = _scale(rows)

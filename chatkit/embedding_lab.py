@@ -3,7 +3,7 @@ indexing throughput.
 
 Works with any LangChain ``Embeddings`` (the local MiniLM from :func:`chatkit.default_embeddings`, or
 :class:`chatkit.HashEmbeddings` for a fast offline run) and any store with ``similarity_search(query, k)``.
-numpy and matplotlib are imported on first use.
+numpy is imported on first use, matplotlib (the ``viz`` extra) when a chart is drawn.
 
 Example:
     >>> from chatkit import HashEmbeddings
@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from ._timeline_plot import new_figure
 
 if TYPE_CHECKING:
     import numpy as np
@@ -142,9 +144,10 @@ def plot_similarity(
         (np.float64(0.1), np.float64(0.8))
     """
     import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
+
+    from ._optional import optional_import
+
+    Rectangle = optional_import("matplotlib.patches", extra="viz", feature="plot_similarity()").Rectangle
 
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] != len(labels):
         raise ValueError(f"need a square matrix matching {len(labels)} labels, got shape {matrix.shape}")
@@ -160,8 +163,7 @@ def plot_similarity(
     if not mask_diagonal and vmin is None:
         low = min(0.0, low)
     size = max(4.0, 0.32 * n + 2.5)
-    fig = Figure(figsize=(size + (2.4 if groups else 1.2), size), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(size + (2.4 if groups else 1.2), size), feature="plot_similarity()")
     ax = fig.add_subplot()
     image = ax.imshow(shown, cmap="viridis", vmin=low, vmax=high)
     ax.set_xticks(range(n), labels=labels, rotation=90, fontsize=7)
@@ -209,11 +211,7 @@ class RetrievalReport:
 
     def plot(self, *, title: str | None = None) -> Figure:
         """Hit rate against k."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(5.5, 3.2), layout="constrained")
-        FigureCanvasAgg(fig)
+        fig = new_figure(figsize=(5.5, 3.2), feature="RetrievalReport.plot()")
         ax = fig.add_subplot()
         ax.plot(self.ks, self.hit_rates, marker="o")
         for k, rate in zip(self.ks, self.hit_rates, strict=True):
@@ -302,13 +300,9 @@ def plot_hit_rates(reports: Mapping[str, RetrievalReport], *, title: str | None 
     Raises:
         ValueError: no reports.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not reports:
         raise ValueError("plot_hit_rates() needs at least one report")
-    fig = Figure(figsize=(6, 3.4), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(6, 3.4), feature="plot_hit_rates()")
     ax = fig.add_subplot()
     for name, report in reports.items():
         ax.plot(report.ks, report.hit_rates, marker="o", label=name)

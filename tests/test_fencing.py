@@ -222,6 +222,6 @@ def test_missing_packages_name_what_to_install(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(sys.modules, "langgraph.checkpoint.sqlite.aio", None)
     with pytest.raises(ImportError, match=r"chatkit\[distributed\]"):
         fencing.FencedPostgresSaver  # noqa: B018
-    with pytest.raises(ImportError, match="langgraph-checkpoint-sqlite"):
+    with pytest.raises(ImportError, match=r"chatkit\[sqlite\]"):
         fencing.FencedSqliteSaver  # noqa: B018
     assert os.path.basename(fencing.__file__) == "fencing.py"

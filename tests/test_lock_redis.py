@@ -340,5 +340,5 @@ async def test_one_event_loop_per_lock(locks: Callable[..., RedisKeyedLock]) -> 
 def test_without_redis_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)
     monkeypatch.setitem(sys.modules, "redis.asyncio", None)
-    with pytest.raises(ImportError, match=r"pip install 'chatkit\[distributed\]'"):
+    with pytest.raises(ImportError, match=r'pip install "chatkit\[distributed\]"'):
         RedisKeyedLock("redis://127.0.0.1:6379/0")

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from .._optional import optional_import
 from ..errors import LockLost, LockServerUnavailable
 from . import _redis_scripts as scripts
 from ._redis_request import HOLDING, WAITING, RedisLockRequest, describe
@@ -65,16 +66,9 @@ _UNSET: Any = _Unset()
 
 
 def _redis() -> Any:
-    """The ``redis`` package, or an ImportError that says how to install it."""
-    try:
-        import redis
-        import redis.asyncio  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(
-            "RedisKeyedLock needs the 'redis' package, which chatkit's 'distributed' extra installs: "
-            "pip install 'chatkit[distributed]'"
-        ) from exc
-    return redis
+    """The ``redis`` package, or a ModuleNotFoundError that names chatkit's ``distributed`` extra."""
+    optional_import("redis.asyncio", extra="distributed", feature="RedisKeyedLock")
+    return optional_import("redis", extra="distributed", feature="RedisKeyedLock")
 
 
 def _shown(url: str) -> str:
@@ -185,7 +179,7 @@ class RedisKeyedLock:
             :class:`~chatkit.LockServerUnavailable`.
 
     Raises:
-        ImportError: the ``redis`` package is missing (``pip install 'chatkit[distributed]'``).
+        ModuleNotFoundError: the ``redis`` package is missing (``pip install "chatkit[distributed]"``).
         TypeError: a key other than ``str`` or ``int``, or a wrongly typed setting.
         ValueError: a bad URL, an empty namespace, a lease under 0.1 s, a non-positive timeout,
             ``max_pending < 1``.
@@ -543,8 +537,8 @@ class RedisKeyedLock:
 
     def _make_client(self, retries: int) -> Redis:
         redis = _redis()
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+        Retry = optional_import("redis.asyncio.retry", extra="distributed", feature="RedisKeyedLock").Retry
+        NoBackoff = optional_import("redis.backoff", extra="distributed", feature="RedisKeyedLock").NoBackoff
 
         return redis.asyncio.Redis.from_url(  # type: ignore[no-any-return]
             self._url,

@@ -60,6 +60,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import ChannelVersions, Checkpoint, CheckpointMetadata
 from langgraph.checkpoint.memory import InMemorySaver
 
+from .._optional import optional_import
 from ..errors import StaleCommit
 
 __all__ = [
@@ -284,15 +285,13 @@ _HEAD_SQL = "SELECT checkpoint_id FROM checkpoints WHERE thread_id = {p} AND che
 
 
 def _build_sqlite() -> type:
-    try:
-        import json
+    import json
 
-        from langgraph.checkpoint.base import get_checkpoint_metadata
-        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-    except ImportError as exc:
-        raise ImportError(
-            "FencedSqliteSaver needs the 'langgraph-checkpoint-sqlite' package: pip install langgraph-checkpoint-sqlite"
-        ) from exc
+    from langgraph.checkpoint.base import get_checkpoint_metadata
+
+    AsyncSqliteSaver = optional_import(
+        "langgraph.checkpoint.sqlite.aio", extra="sqlite", feature="FencedSqliteSaver"
+    ).AsyncSqliteSaver
 
     class FencedSqliteSaver(AsyncSqliteSaver):
         """LangGraph's ``AsyncSqliteSaver`` that refuses stale fenced writes; processes may share the file.
@@ -397,13 +396,9 @@ _FENCED_CURSOR: contextvars.ContextVar[tuple[object, Any] | None] = contextvars.
 
 
 def _build_postgres() -> type:
-    try:
-        from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-    except ImportError as exc:
-        raise ImportError(
-            "FencedPostgresSaver needs langgraph-checkpoint-postgres and psycopg, which chatkit's 'distributed' "
-            "extra installs: pip install 'chatkit[distributed]'"
-        ) from exc
+    AsyncPostgresSaver = optional_import(
+        "langgraph.checkpoint.postgres.aio", extra="distributed", feature="FencedPostgresSaver"
+    ).AsyncPostgresSaver
 
     class FencedPostgresSaver(AsyncPostgresSaver):
         """LangGraph's ``AsyncPostgresSaver`` that refuses stale fenced writes.
