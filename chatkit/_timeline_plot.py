@@ -212,7 +212,7 @@ def _xlim(rows: Sequence[TimelineRow], factor: float) -> tuple[float, float]:
     return (lo - 0.02 * span, hi + 0.04 * span)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _MarkStyle:
     marker: str
     colour: str
