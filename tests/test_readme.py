@@ -60,3 +60,18 @@ def test_the_many_processes_worker_runs_as_shown(redis_url: str, postgres_dsn: s
     assert [w.returncode for w in workers] == [0, 0]
     said = sorted(re.findall(rf"^'Hello from ([AB])' is turn (\d) of session '{sid}'$", "".join(outputs), flags=re.M))
     assert [who for who, _ in said] == ["A", "B"] and sorted(turn for _, turn in said) == ["1", "2"]
+
+
+def test_readme_pictures_of_the_notebooks_are_their_stored_outputs() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_images", README.parent / "docs" / "readme_images.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pictures = list(module.readme_images(README.parent))
+    assert len(pictures) >= 6
+    stale = [name for name, png, _ in pictures if (README.parent / "docs" / "img" / name).read_bytes() != png]
+    assert stale == [], "run: python docs/readme_images.py"
+    text = README.read_text()
+    assert all(f"docs/img/{name}" in text for name, _, _ in pictures)
