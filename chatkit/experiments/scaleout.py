@@ -38,7 +38,7 @@ from typing import Any
 
 from .._optional import optional_import
 from ..timeline import Timeline, TimelineRow
-from ._common import Comparison, RaceResult, _mark_overwrites, find_history_anomalies
+from ._common import Comparison, RaceResult, find_history_anomalies
 
 __all__ = ["ScaleoutRaceResult", "scaleout_race", "compare_scaleout_race", "PROCESSES"]
 
@@ -70,6 +70,15 @@ class ScaleoutRaceResult(RaceResult):
             f"{len(self.expected)} messages kept, {damage}"
         )
 
+
+
+def _mark_overwrites(timeline: Timeline, lost: list[str], end_of: dict[str, float], *, key: str, what: str) -> None:
+    """Mark each lost turn at the moment the next writer saved a state without it."""
+    finish_order = sorted(end_of, key=end_of.__getitem__)
+    for name in lost:
+        later = [n for n in finish_order if end_of[n] > end_of[name]]
+        when = end_of[later[0]] if later else end_of[name]
+        timeline.add(TimelineRow(name, what, when, None, key, None, f"overwritten by {later[0] if later else '?'}"))
 
 # ------------------------------------------------------------------------------------------- in each process
 
