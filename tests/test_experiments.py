@@ -292,6 +292,21 @@ def test_mark_lost_updates_follows_the_state_through_every_write() -> None:
     assert (lost.who, lost.start, lost.detail) == ("A", 4, "overwritten by C")
 
 
+def test_mark_lost_updates_takes_each_write_from_its_lanes_latest_read() -> None:
+    """A lane that reads again before it writes (a retry after a refused commit, a second turn) writes what
+    it read last: nothing it saw then is lost."""
+    from chatkit.experiments import mark_lost_updates
+    from chatkit.timeline import Timeline, TimelineRow
+
+    tl = Timeline()
+    # A reads, B reads and writes, A's write is refused, A reads again (sees B) and writes; then B's second turn
+    for who, phase, t in [("A", "read", 0), ("B", "read", 0), ("B", "write", 1), ("A", "refused", 2),
+                          ("A", "read", 3), ("A", "write", 4), ("B", "read", 5), ("B", "write", 6)]:
+        tl.add(TimelineRow(who, phase, t))
+    assert mark_lost_updates(tl) == ()
+    assert not [r for r in tl.rows() if r.phase == "lost message"]
+
+
 def test_mark_reordered_writes_names_the_earlier_arrivals_each_write_jumped() -> None:
     from chatkit.experiments import mark_reordered_writes
     from chatkit.timeline import Timeline, TimelineRow

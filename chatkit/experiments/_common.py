@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from langgraph.checkpoint.memory import InMemorySaver
 
+from ..errors import StaleCommit
 from ..locks import LockEvent
 from ..timeline import _LANE, Timeline, TimelineRow, _who, plot_timelines
 
@@ -272,13 +273,63 @@ class FakeLLM:
         return f'answer to "{question}" (saw {_plural(len(history), "message")})'
 
 
-class RecordingSaver(InMemorySaver):
+class _RecordingMixin:
+    """Marks a checkpoint saver's reads of a thread's latest state, its writes and its refusals on a timeline.
+
+    Put it before a saver class in the bases (``class Recorded(_RecordingMixin, AsyncSqliteSaver)``) and set
+    ``saver.timeline``. A read is marked ``read`` with ``saw N messages``; a write ``write`` with ``wrote N
+    messages`` (``N``: the ``messages`` channel of the checkpoint read or written); a write a fenced saver
+    refused (:class:`~chatkit.StaleCommit`) ``refused``, with the reason. Only the reads and writes of
+    requests that run in a lane (:func:`chatkit.timeline.lane`) are marked, so reading the history once a
+    race is over adds nothing; set ``recording = False`` to stop marking.
+    """
+
+    timeline: Timeline | None = None
+    recording: bool = True
+
+    def _marking(self) -> bool:
+        return self.recording and self.timeline is not None and _LANE.get() is not None
+
+    @staticmethod
+    def _count(checkpoint: Any) -> int:
+        messages = (checkpoint or {}).get("channel_values", {}).get("messages") or ()
+        return len(messages)
+
+    async def aget_tuple(self, config: Any) -> Any:
+        saved = await super().aget_tuple(config)  # type: ignore[misc]
+        if self._marking() and not config.get("configurable", {}).get("checkpoint_id"):
+            assert self.timeline is not None
+            n = self._count(saved.checkpoint) if saved is not None else 0
+            thread = config.get("configurable", {}).get("thread_id")
+            self.timeline.mark("read", key=thread, detail=f"saw {_plural(n, 'message')}")
+        return saved
+
+    async def aput(self, config: Any, checkpoint: Any, metadata: Any, new_versions: Any) -> Any:
+        thread = config.get("configurable", {}).get("thread_id")
+        try:
+            saved = await super().aput(config, checkpoint, metadata, new_versions)  # type: ignore[misc]
+        except StaleCommit as exc:
+            if self._marking():
+                assert self.timeline is not None
+                self.timeline.mark("refused", key=thread, detail=f"refused: {_REFUSALS.get(exc.reason, exc.reason)}")
+            raise
+        if self._marking():
+            assert self.timeline is not None
+            self.timeline.mark("write", key=thread, detail=f"wrote {_plural(self._count(checkpoint), 'message')}")
+        return saved
+
+
+_REFUSALS = {"token": "stale token", "head": "the head moved", "order": "checkpoint order"}
+
+
+class RecordingSaver(_RecordingMixin, InMemorySaver):
     """An ``InMemorySaver`` that marks every read of a thread's latest state and every write on a timeline.
 
     A read is marked ``read`` with ``saw N messages``; a write ``write`` with ``wrote N messages``
     (``N``: the ``messages`` channel of the checkpoint read or written), in the current lane. Only the
     reads and writes of requests that run in a lane (:func:`chatkit.timeline.lane`) are marked, so
     reading the history once the race is over adds nothing; set ``recording = False`` to stop marking.
+    :class:`_RecordingMixin` does the same for any other saver (it also marks a fenced saver's refusals).
 
     Example:
         >>> import chatkit
@@ -302,29 +353,6 @@ class RecordingSaver(InMemorySaver):
     def __repr__(self) -> str:
         return f"<RecordingSaver threads={len(self.storage)} recording={self.recording}>"
 
-    def _marking(self) -> bool:
-        return self.recording and _LANE.get() is not None
-
-    @staticmethod
-    def _count(checkpoint: Any) -> int:
-        messages = (checkpoint or {}).get("channel_values", {}).get("messages") or ()
-        return len(messages)
-
-    async def aget_tuple(self, config: Any) -> Any:
-        saved = await super().aget_tuple(config)
-        if self._marking() and not config.get("configurable", {}).get("checkpoint_id"):
-            n = self._count(saved.checkpoint) if saved is not None else 0
-            thread = config.get("configurable", {}).get("thread_id")
-            self.timeline.mark("read", key=thread, detail=f"saw {_plural(n, 'message')}")
-        return saved
-
-    async def aput(self, config: Any, checkpoint: Any, metadata: Any, new_versions: Any) -> Any:
-        saved = await super().aput(config, checkpoint, metadata, new_versions)
-        if self._marking():
-            thread = config.get("configurable", {}).get("thread_id")
-            self.timeline.mark("write", key=thread, detail=f"wrote {_plural(self._count(checkpoint), 'message')}")
-        return saved
-
 
 def _steps(timeline: Timeline) -> tuple[list[TimelineRow], list[TimelineRow]]:
     rows = timeline.rows()
@@ -334,8 +362,8 @@ def _steps(timeline: Timeline) -> tuple[list[TimelineRow], list[TimelineRow]]:
 def mark_lost_updates(timeline: Timeline, *, what: str = "lost message") -> tuple[str, ...]:
     """Find and mark the updates a later write erased, from a timeline's ``read`` and ``write`` marks.
 
-    Each request (lane) is a read-modify-write: its write stores what it read plus its own update. So a
-    write erases every update written after its read, and the state after the last write holds exactly
+    Each request (lane) is a read-modify-write: its write stores what it last read plus its own update. So a
+    write erases every update written after that read, and the state after the last write holds exactly
     the updates that survived. Each lost update is marked ``what`` in its lane, at the write that erased it
     for good, with ``overwritten by <that writer>``.
 
@@ -360,7 +388,7 @@ def mark_lost_updates(timeline: Timeline, *, what: str = "lost message") -> tupl
     erased: dict[str, TimelineRow] = {}  # lane -> the write that last dropped its update
     for _, kind, row in events:
         if kind == 0:
-            seen.setdefault(row.who, state)
+            seen[row.who] = state  # a write stores what its lane read last (a retry reads again)
             continue
         new = seen.get(row.who, state) | {row.who}
         for gone in state - new:
