@@ -17,7 +17,9 @@ says what caused it, where it happened (:func:`mark_lost_updates`: ``overwritten
 2's write; :func:`mark_reordered_writes`: ``ahead of request 1``).
 
 :func:`compare_scaleout_race` runs its race across two OS processes sharing one checkpointer (the naive
-version: a lock per process; the fix: ``RedisKeyedLock`` and a fenced saver, on a throwaway Redis server).
+version: a lock per process; the fix: ``RedisKeyedLock`` and a fenced saver, on a throwaway Redis server);
+:func:`scaleout_race` also runs a turn function of your own in each process, and :func:`paused_holder` shows
+a stopped lock holder's late commit refused. :class:`WorkerProcesses` keeps the processes for several runs.
 
 Each experiment returns a frozen result with its :class:`~chatkit.Timeline`, what was expected, what was
 observed and the :class:`Anomaly` list (lost messages, reordered messages, lost LangGraph turns,
@@ -52,7 +54,7 @@ from ._common import (
 from .checkpointer import CheckpointRaceResult, checkpointer_race, compare_checkpointer_race
 from .locks import LockDemoResult, lock_fifo, multi_key_deadlock, shared_across_threads
 from .policies import PolicyComparison, PolicyResult, compare_double_texting, double_texting
-from .scaleout import ScaleoutRaceResult, compare_scaleout_race, scaleout_race
+from .scaleout import ScaleoutRaceResult, WorkerProcesses, compare_scaleout_race, paused_holder, scaleout_race
 from .sessions import SessionRaceResult, compare_session_race, session_race
 from .store import StoreRaceResult, compare_store_race, store_race
 
@@ -87,4 +89,6 @@ __all__ = [
     "ScaleoutRaceResult",
     "scaleout_race",
     "compare_scaleout_race",
+    "paused_holder",
+    "WorkerProcesses",
 ]
