@@ -947,7 +947,7 @@ class _Request:
         try:
             loop, ident = _owner_cache.loop_ident
             owner = _current_tasks[loop]  # type: ignore[index]
-            if loop._thread_id != ident or asyncio.Task is not _PlainTask:
+            if loop._thread_id is not ident or asyncio.Task is not _PlainTask:
                 owner = _current_owner(self)
         except (AttributeError, KeyError, TypeError):  # first use in this thread, no task running there, ...
             owner = _current_owner(self)

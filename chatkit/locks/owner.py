@@ -29,7 +29,7 @@ from typing import Any
 
 __all__ = ["cache", "current_owner", "current_tasks", "plain_task_type", "owner_name"]
 
-#: Per thread: ``loop_ident = (loop, thread id)``, the loop last seen running in this thread.
+#: Per thread: ``loop_ident = (loop, loop._thread_id)``, the loop last seen running in this thread.
 cache = threading.local()
 
 #: asyncio's table loop -> task being stepped (``None`` if this Python has none: always the accurate path).
@@ -56,7 +56,11 @@ def current_owner(fallback: object) -> object:
     if task is None:
         return fallback
     if current_tasks is not None and isinstance(loop, asyncio.BaseEventLoop):
-        cache.loop_ident = (loop, _get_ident())
+        # The loop's own thread-id object, so the check is an identity test ("is"): it fails safely when the
+        # loop stops, runs in another thread, or is restarted (a new id object: one more miss, no harm).
+        thread_id = loop._thread_id  # type: ignore[attr-defined]
+        if thread_id == _get_ident():
+            cache.loop_ident = (loop, thread_id)
     return task
 
 
