@@ -230,7 +230,7 @@ def main() -> None:
     per_k: dict[int, float] = {}
     per_a_by_n: dict[int, float] = {}
     for n in sizes:
-        reps = 3 if n <= 10_000 else 1
+        reps = 3 if n <= 10_000 else 2
         per_k[n] = best_of(reps, lambda n=n: handoff_keyed(n))
         per_a = per_a_by_n[n] = best_of(reps, lambda n=n: handoff_asyncio(n))
         rows.append(

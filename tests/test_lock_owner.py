@@ -21,6 +21,7 @@ import pytest
 from chatkit import KeyedLock, LockTimeout
 from chatkit.locks import LockRequest
 from tests.conftest import FakeClock, settle
+from tests.test_lock import Sequencer
 
 # ----------------------------------------------------------------------------- re-entry by the owning task
 
@@ -120,33 +121,32 @@ async def test_reentrant_acquisitions_share_the_outer_token() -> None:
         inner = lock("k")
         async with inner:
             assert inner.token == outer.token
-    async with lock("k") as _:
-        pass
     later = lock("k")
     async with later:
         assert later.token is not None and outer.token is not None and later.token > outer.token
 
 
 def test_thread_reentry_raises_at_once_and_another_thread_waits() -> None:
-    lock = KeyedLock()
-    errors: list[BaseException] = []
-    with lock.sync("k"):
-        with pytest.raises(RuntimeError, match="already holds key 'k'"):
+    seq = Sequencer()
+    lock = KeyedLock(observer=seq)
+    record: list[str] = []
+
+    def other() -> None:
+        with lock.sync("k", label="other"):
+            record.append("other")
+
+    with lock.sync("k", label="main"):
+        with pytest.raises(RuntimeError, match="'MainThread' already holds key 'k'"):
             with lock.sync("k"):
                 pass
-
-        def other() -> None:
-            try:
-                with lock.sync("k", timeout=0.01):  # another thread: it waits, then times out
-                    pass
-            except BaseException as exc:
-                errors.append(exc)
-
         t = threading.Thread(target=other)
         t.start()
-        t.join(30)
-        assert not t.is_alive()
-    assert len(errors) == 1 and isinstance(errors[0], LockTimeout)
+        seq.wait_for("other", "requested")  # another thread: it queues
+        assert lock.waiters("k") == 1
+        record.append("main")
+    t.join(30)
+    assert not t.is_alive()
+    assert record == ["main", "other"]
     assert len(lock) == 0
 
 
