@@ -18,7 +18,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import ChatkitError, LockQueueFull, LockTimeout, SessionBusy, SessionNotFound, TurnInterrupted
+from .errors import (
+    ChatkitError,
+    DirectoryLocked,
+    LockLost,
+    LockQueueFull,
+    LockServerUnavailable,
+    LockTimeout,
+    SessionBusy,
+    SessionNotFound,
+    StaleCommit,
+    TurnInterrupted,
+)
 from .locks import KeyedLock, KeyStatistics, LockEvent, LockStatistics
 from .timeline import Timeline, TimelineRow
 
@@ -32,6 +43,7 @@ _LAZY: dict[str, str] = {
     "StoreStatistics": "chatkit.store",
     "CompactionResult": "chatkit.store",
     "NaiveVectorStore": "chatkit.store",
+    "SavedVersion": "chatkit.store",
     "HashEmbeddings": "chatkit.embeddings",
     "default_embeddings": "chatkit.embeddings",
     "ExtractiveChatModel": "chatkit.models",
@@ -43,15 +55,24 @@ _LAZY: dict[str, str] = {
     "run": "chatkit.runner",
     "experiments": "chatkit.experiments",
     "embedding_lab": "chatkit.embedding_lab",
+    "RedisKeyedLock": "chatkit.locks",
+    "FencedInMemorySaver": "chatkit.sessions.fencing",
+    "FencedSqliteSaver": "chatkit.sessions.fencing",
+    "FencedPostgresSaver": "chatkit.sessions.fencing",
+    "fence": "chatkit.sessions.fencing",
 }
 
 __all__ = [
     "ChatkitError",
+    "DirectoryLocked",
     "LockQueueFull",
     "LockTimeout",
     "SessionBusy",
     "SessionNotFound",
     "TurnInterrupted",
+    "LockLost",
+    "LockServerUnavailable",
+    "StaleCommit",
     "KeyedLock",
     "KeyStatistics",
     "LockEvent",
@@ -82,5 +103,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .models import ExtractiveChatModel, load_local_chat_model
     from .store import NaiveVectorStore
     from .runner import run
+    from .locks import RedisKeyedLock
     from .sessions import ChatMessage, ChatResult, SessionManager, SessionStatistics
-    from .store import CompactionResult, CowVectorStore, DocumentRecord, StoreSnapshot, StoreStatistics
+    from .sessions.fencing import FencedInMemorySaver, FencedPostgresSaver, FencedSqliteSaver, fence
+    from .store import CompactionResult, CowVectorStore, DocumentRecord, SavedVersion, StoreSnapshot, StoreStatistics

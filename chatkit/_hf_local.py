@@ -1,4 +1,5 @@
-"""A local Hugging Face causal LM as a LangChain chat model (imported on first use: it loads torch).
+"""A local Hugging Face causal LM as a LangChain chat model (the ``local`` extra; imported on first use,
+through ``optional_import``, by :func:`chatkit.load_local_chat_model`: it loads torch).
 
 ``ChatHuggingFace`` over a ``HuggingFacePipeline`` only works synchronously (its ``_agenerate`` raises and its
 ``_astream`` talks to a remote endpoint), so :class:`LocalChatHuggingFace` routes the async API through
@@ -17,6 +18,8 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_huggingface import ChatHuggingFace, HuggingFacePipeline
+
+from ._optional import optional_import
 
 __all__ = ["LocalChatHuggingFace", "build_local_chat_model"]
 
@@ -53,11 +56,10 @@ def build_local_chat_model(
     pipeline_kwargs: dict[str, Any],
 ) -> LocalChatHuggingFace:
     """Load tokenizer and model from ``path`` (local files only) and wrap them; see ``load_local_chat_model``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
-
+    transformers = optional_import("transformers", extra="local", feature="load_local_chat_model()")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"could not load a causal language model from {str(path)!r}: {exc}") from exc
     if getattr(tokenizer, "chat_template", None) is None:
@@ -66,6 +68,6 @@ def build_local_chat_model(
         tokenizer.pad_token = tokenizer.eos_token
     generation = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "return_full_text": False}
     generation.update(pipeline_kwargs)
-    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, **generation)
+    pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer, **generation)
     llm = HuggingFacePipeline(pipeline=pipe, model_id=str(path))
     return LocalChatHuggingFace(llm=llm, tokenizer=tokenizer, model_id=str(path))

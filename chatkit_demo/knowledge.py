@@ -56,7 +56,7 @@ class KnowledgeHandlers:
         for i, (name, text) in enumerate(checked):
             progress((i, len(checked)), desc=f"indexing {name}", unit="files")
             try:
-                record = await store.add_document(name, text)
+                record = await store.aadd_document(name, text)
             except (ValueError, TypeError) as exc:
                 lines.append(f"- **not added**: {name}: {exc}")
                 continue
@@ -72,7 +72,7 @@ class KnowledgeHandlers:
             raise gr.Error("Choose a document to remove first.")
         await self.services.ready()
         store = self.services.store
-        existed = await store.remove_document(source)
+        existed = await store.aremove_document(source)
         status = (
             f"**Removed** `{source}` (now version {store.version})."
             if existed

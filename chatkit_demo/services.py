@@ -77,10 +77,10 @@ class DemoServices:
     def is_ready(self) -> bool:
         return self._ready
 
-    def _create_session(self) -> str:
+    async def _create_session(self) -> str:
         if self.manager is None:
             raise RuntimeError("DemoServices.ready() must be awaited before sessions are created")
-        return self.manager.create_session()
+        return str(await self.manager.create_session())
 
     def _latency(self, text: str) -> float | Awaitable[float]:
         """The extractive model's latency: normal, or held and slow for the turns of a double-texting burst."""
@@ -125,7 +125,7 @@ class DemoServices:
                         continue
                     documents[name] = text
             if documents:
-                await store.add_documents(documents)  # one atomic publish
+                await store.aadd_sources(documents)  # one atomic publish
             self.store = store
             self.loaded_sources = tuple(documents)
             self.manager = chatkit.SessionManager(

@@ -1,12 +1,17 @@
-"""Deterministic controls for session tests: gated model latency, a gated checkpointer and vector store."""
+"""Deterministic controls for session tests: gated model latency, a stalling streaming model, a gated checkpointer
+and vector store."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from langchain_core.documents import Document
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk
+from langchain_core.outputs import ChatResult as LCChatResult
 from langchain_core.vectorstores import InMemoryVectorStore
 from langgraph.checkpoint.memory import InMemorySaver
 
@@ -141,3 +146,29 @@ async def until(condition: Callable[[], bool], rounds: int = 500) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError("the condition never became true")
+
+
+class StallingModel(BaseChatModel):
+    """A streaming chat model that sends its first chunk at once and the rest only after ``go`` is set.
+
+    ``reply`` is the whole reply; it splits after its first word.
+    """
+
+    go: Any = None
+    reply: str = "first rest of the reply"
+
+    @property
+    def _llm_type(self) -> str:
+        return "stalling"
+
+    def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> LCChatResult:
+        return LCChatResult(generations=[ChatGeneration(message=AIMessage(self.reply))])
+
+    async def _astream(
+        self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        head, _, tail = self.reply.partition(" ")
+        yield ChatGenerationChunk(message=AIMessageChunk(head + " "))
+        if self.go is not None:
+            await self.go.wait()
+        yield ChatGenerationChunk(message=AIMessageChunk(tail))

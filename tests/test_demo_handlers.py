@@ -92,7 +92,7 @@ async def test_unload_deletes_the_session_and_unbinds_it(chat: DemoHandlers, ser
     await chat.chat("hello", tab("a"))
     sid = await chat.api_session(tab("a"))
     await chat.unload(tab("a"))
-    assert sid not in services.manager.list_sessions()
+    assert sid not in await services.manager.list_sessions()
     assert await chat.api_session(tab("a")) != sid  # a reload starts afresh
     await chat.unload(gr.Request())  # a request without a session: nothing to do
 

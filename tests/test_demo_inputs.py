@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import threading
 from pathlib import Path
 
@@ -71,39 +73,39 @@ def _counter() -> object:
     return lambda: f"session-{next(n)}"
 
 
-def test_each_browser_session_gets_its_own_chat_session() -> None:
+async def test_each_browser_session_gets_its_own_chat_session() -> None:
     binder = SessionBinder(create=_counter())
     a, b = gr.Request(session_hash="hash-a"), gr.Request(session_hash="hash-b")
-    assert binder.session_for(a) == binder.session_for(a) == "session-0"
-    assert binder.session_for(b) == "session-1"
+    assert await binder.session_for(a) == await binder.session_for(a) == "session-0"
+    assert await binder.session_for(b) == "session-1"
     assert binder.check("session-0", a) == "session-0"
     assert len(binder) == 2
 
 
-def test_login_name_is_part_of_the_binding() -> None:
+async def test_login_name_is_part_of_the_binding() -> None:
     binder = SessionBinder(create=_counter())
     alice = gr.Request(session_hash="same", username="alice")
     mallory = gr.Request(session_hash="same", username="mallory")
-    sid = binder.session_for(alice)
-    assert binder.session_for(mallory) != sid
+    sid = await binder.session_for(alice)
+    assert await binder.session_for(mallory) != sid
     with pytest.raises(PermissionError):
         binder.check(sid, mallory)
 
 
 @pytest.mark.parametrize("foreign", ["session-0", "session-999", "", None, 42, "x" * 10_000])
-def test_foreign_unknown_or_malformed_ids_are_refused_alike(foreign: object) -> None:
+async def test_foreign_unknown_or_malformed_ids_are_refused_alike(foreign: object) -> None:
     binder = SessionBinder(create=_counter())
-    binder.session_for(gr.Request(session_hash="owner"))
+    await binder.session_for(gr.Request(session_hash="owner"))
     with pytest.raises(PermissionError, match="does not belong to this browser session") as info:
         binder.check(foreign, gr.Request(session_hash="intruder"))
     assert len(str(info.value)) < 200  # the id is cut, not echoed in full
 
 
 @pytest.mark.parametrize("request_", [None, gr.Request(), gr.Request(session_hash="")])
-def test_requests_without_a_browser_session_are_refused(request_: gr.Request | None) -> None:
+async def test_requests_without_a_browser_session_are_refused(request_: gr.Request | None) -> None:
     binder = SessionBinder(create=_counter())
     with pytest.raises(PermissionError, match="no browser session"):
-        binder.session_for(request_)
+        await binder.session_for(request_)
     assert binder.release(request_) is None
 
 
@@ -121,7 +123,7 @@ def test_concurrent_first_messages_create_one_session() -> None:
 
     def first_message() -> None:
         gate.wait()
-        results.append(binder.session_for(request))
+        results.append(asyncio.run(binder.session_for(request)))  # each thread with its own event loop
 
     threads = [threading.Thread(target=first_message) for _ in range(8)]
     for t in threads:
@@ -132,10 +134,10 @@ def test_concurrent_first_messages_create_one_session() -> None:
     assert results == ["s0"] * 8
 
 
-def test_release_unbinds_so_the_old_id_is_refused() -> None:
+async def test_release_unbinds_so_the_old_id_is_refused() -> None:
     binder = SessionBinder(create=_counter())
     tab = gr.Request(session_hash="tab")
-    sid = binder.session_for(tab)
+    sid = await binder.session_for(tab)
     assert binder.release(tab) == sid
     assert binder.peek(tab) is None
     with pytest.raises(PermissionError):

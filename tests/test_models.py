@@ -211,7 +211,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def test_a_tiny_local_model_chats_through_the_session_manager(tiny_model_dir: Path) -> None:
     model = load_local_chat_model(tiny_model_dir, max_new_tokens=6)
     manager = SessionManager(model=model)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     first = await manager.chat(sid, "How long do refunds take?")
     again = await manager.chat(sid, "Is shipping free?")
     assert isinstance(first.reply, str) and isinstance(again.reply, str)

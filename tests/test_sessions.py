@@ -24,7 +24,7 @@ from chatkit import (
     Timeline,
 )
 from chatkit.sessions import ChatResult, SessionStatistics, TurnInterrupted
-from tests._session_helpers import Gates, GatedStore, conversation, pairs, reply_to, until
+from tests._session_helpers import Gates, GatedStore, StallingModel, conversation, pairs, reply_to, until
 from tests.conftest import FakeClock
 
 NAIVE = pytest.mark.xfail(strict=True, reason="no per-session lock: turns read the same checkpoint, the last commit wins")
@@ -63,7 +63,7 @@ SERVICES = [
 async def test_three_concurrent_messages_are_answered_in_order(service: str) -> None:
     gates = Gates()
     manager = gated_manager(gates, locking=service != "naive service")
-    sid = manager.create_session()
+    sid = await manager.create_session()
     questions = ["What is chatkit?", "Does it lose messages?", "Thanks!"]
     send = sender(manager, service, sid)
     tasks = [asyncio.create_task(send(q)) for q in questions]
@@ -78,7 +78,7 @@ async def test_checkpoints_of_a_session_form_one_line(service: str) -> None:
     """The checkpointer race: concurrent runs on one thread branch off the same checkpoint."""
     gates = Gates()
     manager = gated_manager(gates, locking=service != "naive service")
-    sid = manager.create_session()
+    sid = await manager.create_session()
     gates.release("warm-up")
     await manager.chat(sid, "warm-up")
     send = sender(manager, service, sid)
@@ -99,7 +99,7 @@ async def test_naive_service_shows_both_races() -> None:
     """What locking=False is for: lost messages, replies that missed earlier turns, a branched thread."""
     gates = Gates()
     manager = gated_manager(gates, locking=False)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     tasks = [asyncio.create_task(manager.chat(sid, q)) for q in ("a", "b", "c")]
     await until(lambda: len(gates.started) == 3)
     gates.release("c", "b", "a")
@@ -113,7 +113,7 @@ async def test_first_messages_with_create_if_missing_land_in_one_session() -> No
     manager = gated_manager(gates)
     texts = ["one", "two", "three"]
     await asyncio.gather(*(manager.chat("user-42", t, create_if_missing=True) for t in texts))
-    assert manager.list_sessions() == ["user-42"]
+    assert (await manager.list_sessions()) == ["user-42"]
     assert pairs(await manager.get_history("user-42")) == conversation(*texts)
 
 
@@ -131,17 +131,17 @@ async def test_concurrent_first_messages_share_one_session(approach: str) -> Non
         sid = sessions_of_user.get("user-7")
         if sid is None:
             await asyncio.sleep(0)  # any await between the check and the creation (e.g. loading a profile)
-            sid = sessions_of_user["user-7"] = manager.create_session()
+            sid = sessions_of_user["user-7"] = await manager.create_session()
         return await manager.chat(sid, text)
 
     await asyncio.gather(first_message("hello"), first_message("hello again"))
-    assert len(manager.list_sessions()) == 1
+    assert len(await manager.list_sessions()) == 1
 
 
 async def test_different_sessions_do_not_wait_for_each_other() -> None:
     gates = Gates()
     manager = gated_manager(gates)
-    s1, s2 = manager.create_session(), manager.create_session()
+    s1, s2 = await manager.create_session(), await manager.create_session()
     slow = asyncio.create_task(manager.chat(s1, "slow"))
     await gates.entered("slow")
     gates.release("fast")
@@ -154,7 +154,7 @@ async def test_different_sessions_do_not_wait_for_each_other() -> None:
 
 async def test_each_turn_sees_every_earlier_turn() -> None:
     manager = SessionManager()
-    sid = manager.create_session()
+    sid = await manager.create_session()
     results = await asyncio.gather(*(manager.chat(sid, f"q{i}") for i in range(6)))
     assert [r.turn for r in results] == [1, 2, 3, 4, 5, 6]
     assert [r.reply for r in results] == [reply_to(f"q{i}", i + 1) for i in range(6)]
@@ -166,7 +166,7 @@ async def test_each_turn_sees_every_earlier_turn() -> None:
 async def test_reject_raises_session_busy_at_once_and_keeps_history() -> None:
     gates = Gates()
     manager = gated_manager(gates, policy="reject")
-    sid = manager.create_session()
+    sid = await manager.create_session()
     first = asyncio.create_task(manager.chat(sid, "first"))
     await gates.entered("first")
     with pytest.raises(SessionBusy, match="busy"):
@@ -187,7 +187,7 @@ async def test_reject_raises_session_busy_at_once_and_keeps_history() -> None:
 async def test_interrupt_and_rollback_cancel_the_running_turn(policy: str) -> None:
     gates = Gates()
     manager = gated_manager(gates)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     gates.release("before")
     await manager.chat(sid, "before")
     first = asyncio.create_task(manager.chat(sid, "first"))
@@ -214,7 +214,7 @@ async def test_interrupt_and_rollback_cancel_the_running_turn(policy: str) -> No
 async def test_interrupt_and_rollback_also_drop_queued_turns(policy: str) -> None:
     gates = Gates()
     manager = gated_manager(gates)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     running = asyncio.create_task(manager.chat(sid, "running"))
     await gates.entered("running")
     queued = asyncio.create_task(manager.chat(sid, "queued"))
@@ -233,14 +233,14 @@ async def test_interrupt_and_rollback_also_drop_queued_turns(policy: str) -> Non
 
 async def test_interrupt_on_an_idle_session_just_runs() -> None:
     manager = SessionManager(policy="interrupt")
-    sid = manager.create_session()
+    sid = await manager.create_session()
     assert (await manager.chat(sid, "hello")).reply == reply_to("hello", 1)
 
 
 async def test_a_superseded_caller_that_is_also_cancelled_sees_cancellation() -> None:
     gates = Gates()
     manager = gated_manager(gates)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     first = asyncio.create_task(manager.chat(sid, "first"))
     await gates.entered("first")
     first.cancel()  # the client left ...
@@ -257,7 +257,7 @@ async def test_a_superseded_caller_that_is_also_cancelled_sees_cancellation() ->
 async def test_lock_timeout_raises_a_readable_lock_timeout(loop_clock: FakeClock) -> None:
     gates = Gates()
     manager = gated_manager(gates, lock_timeout=5)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     first = asyncio.create_task(manager.chat(sid, "first"))
     await gates.entered("first")
     second = asyncio.create_task(manager.chat(sid, "second"))
@@ -276,24 +276,30 @@ async def test_lock_timeout_raises_a_readable_lock_timeout(loop_clock: FakeClock
 
 
 @pytest.mark.parametrize(
-    ("message", "pattern"),
+    ("message", "error", "pattern"),
     [
-        (123, r"must be a str .*max_message_chars=20"),
-        (None, r"must be a str .*max_message_chars=20"),
-        (b"bytes", r"must be a str"),
-        ("", r"empty or only whitespace.*max_message_chars=20"),
-        ("  \n\t ", r"empty or only whitespace"),
-        ("x" * 21, r"21 characters long, over the limit of max_message_chars=20"),
+        (123, TypeError, r"must be a str .*max_message_chars=20.*got int 123"),
+        (None, TypeError, r"must be a str .*max_message_chars=20.*got NoneType"),
+        (b"bytes", TypeError, r"must be a str.*got bytes"),
+        ("", ValueError, r"empty or only whitespace.*max_message_chars=20"),
+        ("  \n\t ", ValueError, r"empty or only whitespace"),
+        ("x" * 21, ValueError, r"21 characters long, over the limit of max_message_chars=20"),
+        ("a\x00b", ValueError, r"U\+0000 \(NUL\) at position 1"),
+        ("red \x1b[31m", ValueError, r"U\+001B \(ESC, which starts ANSI escape sequences\) at position 4"),
+        ("csi \x9b31m", ValueError, r"U\+009B \(CSI"),
+        ("bell \x07", ValueError, r"U\+0007"),
+        ("lone \ud800 half", ValueError, r"U\+D800 \(a lone surrogate\) at position 5"),
     ],
 )
-async def test_bad_messages_raise_value_error_naming_the_limit(message: Any, pattern: str) -> None:
+async def test_bad_messages_raise_naming_the_value(message: Any, error: type[Exception], pattern: str) -> None:
     manager = SessionManager(max_message_chars=20)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     await manager.chat(sid, "x" * 20)  # exactly at the limit is fine
+    await manager.chat(sid, "tab\tand\nnewline ok")  # ordinary whitespace is fine
     before = await manager.get_history(sid)
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(error, match=pattern):
         await manager.chat(sid, message)
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(error, match=pattern):
         async for _ in manager.stream(sid, message):
             pass
     assert await manager.get_history(sid) == before
@@ -303,7 +309,7 @@ async def test_bad_messages_raise_value_error_naming_the_limit(message: Any, pat
 @pytest.mark.parametrize("session_id", ["no-such-session", "", "../../etc/passwd", "a b", "x" * 129, 42, None])
 async def test_unknown_or_malformed_session_ids_raise_session_not_found(session_id: Any) -> None:
     manager = SessionManager()
-    manager.create_session()
+    await manager.create_session()
     with pytest.raises(SessionNotFound) as info:
         await manager.chat(session_id, "hello")
     assert isinstance(info.value, LookupError)
@@ -314,14 +320,14 @@ async def test_unknown_or_malformed_session_ids_raise_session_not_found(session_
     with pytest.raises(SessionNotFound):
         async for _ in manager.stream(session_id, "hello"):
             pass
-    assert len(manager.list_sessions()) == 1
+    assert len(await manager.list_sessions()) == 1
 
 
 async def test_malformed_id_is_refused_even_with_create_if_missing() -> None:
     manager = SessionManager()
     with pytest.raises(SessionNotFound):
         await manager.chat("not/valid", "hello", create_if_missing=True)
-    assert manager.list_sessions() == []
+    assert (await manager.list_sessions()) == []
 
 
 @pytest.mark.parametrize(
@@ -334,9 +340,14 @@ async def test_malformed_id_is_refused_even_with_create_if_missing() -> None:
         ({"max_message_chars": 0}, ValueError, "max_message_chars"),
         ({"max_sessions": 0}, ValueError, "max_sessions"),
         ({"session_ttl": "1h"}, TypeError, "session_ttl"),
-        ({"model": "gpt"}, TypeError, "BaseChatModel"),
+        ({"model": "gpt"}, TypeError, "chat model or chat Runnable.*'gpt'"),
         ({"checkpointer": {}}, TypeError, "BaseCheckpointSaver"),
         ({"store": object()}, TypeError, "VectorStore"),
+        ({"lock": object()}, TypeError, "AsyncKeyLock"),
+        ({"keep_checkpoints": 0}, ValueError, "keep_checkpoints must be at least 1, got 0"),
+        ({"keep_checkpoints": 2.5}, TypeError, "keep_checkpoints must be an int or None, got 2.5"),
+        ({"retrieve_k": 0}, ValueError, "retrieve_k"),
+        ({"clock": 5}, TypeError, "clock"),
     ],
 )
 def test_bad_configuration_is_refused(kwargs: dict[str, Any], error: type[Exception], pattern: str) -> None:
@@ -346,7 +357,7 @@ def test_bad_configuration_is_refused(kwargs: dict[str, Any], error: type[Except
 
 async def test_bad_per_call_policy_is_refused() -> None:
     manager = SessionManager()
-    sid = manager.create_session()
+    sid = await manager.create_session()
     with pytest.raises(ValueError, match="policy must be one of"):
         await manager.chat(sid, "hi", policy="later")  # type: ignore[arg-type]
     assert await manager.get_history(sid) == []
@@ -355,9 +366,9 @@ async def test_bad_per_call_policy_is_refused() -> None:
 # ---------------------------------------------------------------- sessions: ids, listing, deletion
 
 
-def test_session_ids_are_unguessable() -> None:
+async def test_session_ids_are_unguessable() -> None:
     manager = SessionManager()
-    ids = {manager.create_session() for _ in range(200)}
+    ids = {await manager.create_session() for _ in range(200)}
     assert len(ids) == 200
     assert all(re.fullmatch(r"[A-Za-z0-9_-]{22}", i) for i in ids)  # 22 url-safe chars = 132 bits >= 128
 
@@ -365,7 +376,7 @@ def test_session_ids_are_unguessable() -> None:
 async def test_delete_session_waits_for_running_turns_and_removes_the_thread() -> None:
     gates = Gates()
     manager = gated_manager(gates)
-    sid, other = manager.create_session(), manager.create_session()
+    sid, other = await manager.create_session(), await manager.create_session()
     running = asyncio.create_task(manager.chat(sid, "running"))
     await gates.entered("running")
     deleting = asyncio.create_task(manager.delete_session(sid))
@@ -376,7 +387,7 @@ async def test_delete_session_waits_for_running_turns_and_removes_the_thread() -
     await deleting
     with pytest.raises(SessionNotFound):
         await queued
-    assert manager.list_sessions() == [other]
+    assert (await manager.list_sessions()) == [other]
     assert await manager.checkpointer.aget_tuple({"configurable": {"thread_id": sid}}) is None
     with pytest.raises(SessionNotFound):
         await manager.delete_session(sid)
@@ -388,13 +399,13 @@ async def test_delete_session_waits_for_running_turns_and_removes_the_thread() -
 
 async def test_idle_sessions_expire_after_the_ttl(fake_clock: FakeClock) -> None:
     manager = SessionManager(session_ttl=60, clock=fake_clock)
-    old, recent = manager.create_session(), manager.create_session()
+    old, recent = await manager.create_session(), await manager.create_session()
     await manager.chat(old, "hello")
     fake_clock.advance(30)
     await manager.chat(recent, "hello")
     fake_clock.advance(40)  # old: idle 70 s, recent: idle 40 s
     assert await manager.expire_idle() == [old]
-    assert manager.list_sessions() == [recent]
+    assert (await manager.list_sessions()) == [recent]
     with pytest.raises(SessionNotFound):
         await manager.chat(old, "are you there?")
     assert await manager.checkpointer.aget_tuple({"configurable": {"thread_id": old}}) is None
@@ -408,7 +419,7 @@ async def test_idle_sessions_expire_after_the_ttl(fake_clock: FakeClock) -> None
 async def test_a_session_never_expires_while_a_turn_runs_or_waits(fake_clock: FakeClock) -> None:
     gates = Gates()
     manager = gated_manager(gates, session_ttl=60, clock=fake_clock)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     running = asyncio.create_task(manager.chat(sid, "slow"))
     await gates.entered("slow")
     waiting = asyncio.create_task(manager.chat(sid, "queued"))
@@ -430,14 +441,14 @@ async def test_a_session_never_expires_while_a_turn_runs_or_waits(fake_clock: Fa
 async def test_max_sessions_expires_the_least_recently_used_idle_sessions(fake_clock: FakeClock) -> None:
     gates = Gates(open_all=True)
     manager = gated_manager(gates, max_sessions=2, clock=fake_clock)
-    s1 = manager.create_session()
+    s1 = await manager.create_session()
     fake_clock.advance(1)
-    s2 = manager.create_session()
+    s2 = await manager.create_session()
     fake_clock.advance(1)
     await manager.chat(s1, "s1 is used again")  # now s2 is the least recently used
     fake_clock.advance(1)
-    s3 = manager.create_session()
-    assert manager.list_sessions() == [s1, s3]
+    s3 = await manager.create_session()
+    assert (await manager.list_sessions()) == [s1, s3]
     await manager.expire_idle()
     assert await manager.checkpointer.aget_tuple({"configurable": {"thread_id": s2}}) is None
 
@@ -445,17 +456,17 @@ async def test_max_sessions_expires_the_least_recently_used_idle_sessions(fake_c
 async def test_max_sessions_skips_busy_sessions(fake_clock: FakeClock) -> None:
     gates = Gates()
     manager = gated_manager(gates, max_sessions=1, clock=fake_clock)
-    busy = manager.create_session()
+    busy = await manager.create_session()
     running = asyncio.create_task(manager.chat(busy, "busy"))
     await gates.entered("busy")
     fake_clock.advance(1)
-    new = manager.create_session()
-    assert manager.list_sessions() == [busy, new]  # over the limit, but busy can't go
+    new = await manager.create_session()
+    assert (await manager.list_sessions()) == [busy, new]  # over the limit, but busy can't go
     gates.release("busy")
     await running
     fake_clock.advance(1)
-    newest = manager.create_session()
-    assert manager.list_sessions() == [newest]
+    newest = await manager.create_session()
+    assert (await manager.list_sessions()) == [newest]
     assert await manager.expire_idle() == []
 
 
@@ -475,7 +486,7 @@ async def test_create_if_missing_reuses_an_expired_id_with_a_fresh_history(fake_
 
 async def test_stream_yields_the_reply_and_commits_it() -> None:
     manager = SessionManager()
-    sid = manager.create_session()
+    sid = await manager.create_session()
     chunks = [c async for c in manager.stream(sid, "stream me")]
     assert len(chunks) > 3
     assert "".join(chunks) == reply_to("stream me", 1)
@@ -484,7 +495,7 @@ async def test_stream_yields_the_reply_and_commits_it() -> None:
 
 async def test_concurrent_streams_and_chats_stay_in_order() -> None:
     manager = SessionManager()
-    sid = manager.create_session()
+    sid = await manager.create_session()
 
     async def collect(text: str) -> str:
         return "".join([c async for c in manager.stream(sid, text)])
@@ -498,9 +509,12 @@ async def test_concurrent_streams_and_chats_stay_in_order() -> None:
 
 @pytest.mark.parametrize("how", ["break and aclose", "break without closing", "cancel the consumer"])
 async def test_a_consumer_that_stops_early_cancels_the_turn(how: str) -> None:
-    manager = SessionManager()
-    sid = manager.create_session()
+    go = asyncio.Event()  # never set: the model stalls after its first chunk
+    manager = SessionManager(model=StallingModel(go=go))
+    sid = await manager.create_session()
+    go.set()
     await manager.chat(sid, "before")
+    go.clear()
     before = await manager.get_history(sid)
     got: list[str] = []
     first_chunk = asyncio.Event()
@@ -529,18 +543,62 @@ async def test_a_consumer_that_stops_early_cancels_the_turn(how: str) -> None:
     else:
         await consumer
     await until(lambda: not manager.is_busy(sid))
-    assert got == ["Message "]
+    assert got == ["first "]
     assert await manager.get_history(sid) == before
     assert not manager.lock.is_busy(sid)
+    go.set()
     assert (await manager.chat(sid, "next")).turn == 2
     assert manager.statistics().cancelled == 1
+
+
+async def test_a_stream_commits_whatever_the_consumers_pace() -> None:
+    """Streams are decoupled from their consumers: the turn runs to its commit while the consumer pauses,
+    its chunks wait in a buffer, and the next turn of the session does not wait for the consumer."""
+    manager = SessionManager()
+    sid = await manager.create_session()
+    resume = asyncio.Event()
+    got: list[str] = []
+
+    async def consume() -> str:
+        async for chunk in manager.stream(sid, "slow reader"):
+            got.append(chunk)
+            if len(got) == 1:
+                await resume.wait()  # a consumer that is slow to ask for the next chunk
+        return "".join(got)
+
+    consumer = asyncio.create_task(consume())
+    await until(lambda: manager.statistics().completed == 1)  # committed while the consumer pauses
+    assert got == ["Message "]
+    assert (await manager.chat(sid, "next")).turn == 2  # the session is free
+    resume.set()
+    assert await consumer == reply_to("slow reader", 1)  # every buffered chunk arrives
+    assert pairs(await manager.get_history(sid)) == conversation("slow reader", "next")
+
+
+async def test_a_consumer_that_stops_after_the_commit_keeps_the_turn() -> None:
+    manager = SessionManager()
+    sid = await manager.create_session()
+    resume = asyncio.Event()
+
+    async def consume() -> None:
+        async with contextlib.aclosing(manager.stream(sid, "committed")) as chunks:
+            async for _ in chunks:
+                await resume.wait()
+
+    consumer = asyncio.create_task(consume())
+    await until(lambda: manager.statistics().completed == 1)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    assert pairs(await manager.get_history(sid)) == conversation("committed")
+    assert manager.statistics().cancelled == 0
 
 
 async def test_stream_raises_the_model_error() -> None:
     gates = Gates(open_all=True)
     gates.fail("boom")
     manager = gated_manager(gates)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     with pytest.raises(RuntimeError, match="model failed"):
         async for _ in manager.stream(sid, "boom"):
             pass
@@ -550,7 +608,7 @@ async def test_stream_raises_the_model_error() -> None:
 async def test_a_streaming_turn_can_be_interrupted() -> None:
     gates = Gates()
     manager = gated_manager(gates)
-    sid = manager.create_session()
+    sid = await manager.create_session()
 
     async def consume() -> list[str]:
         return [c async for c in manager.stream(sid, "streaming")]
@@ -576,7 +634,7 @@ async def test_with_a_store_the_reply_comes_from_the_best_chunk_and_names_its_so
         ]
     )
     manager = SessionManager(store=store, retrieve_k=2)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     result = await manager.chat(sid, "When are refunds paid?")
     assert result.reply == "According to refunds.md: Refunds are paid within 14 days."
     assert set(result.sources) == {"refunds.md", "shipping.md"}
@@ -592,7 +650,7 @@ async def test_timeline_records_turns_models_and_lock_spans() -> None:
     timeline = Timeline()
     gates = Gates()
     manager = gated_manager(gates, timeline=timeline)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     a = asyncio.create_task(manager.chat(sid, "a"), name="A")
     await gates.entered("a")
     b = asyncio.create_task(manager.chat(sid, "b"), name="B")
@@ -612,7 +670,7 @@ async def test_timeline_marks_interrupted_turns() -> None:
     timeline = Timeline()
     gates = Gates()
     manager = gated_manager(gates, timeline=timeline)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     first = asyncio.create_task(manager.chat(sid, "first"), name="first")
     await gates.entered("first")
     gates.release("second")
@@ -628,7 +686,7 @@ async def test_timeline_marks_interrupted_turns() -> None:
 async def test_repr_and_statistics_show_live_state() -> None:
     gates = Gates()
     manager = gated_manager(gates)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     running = asyncio.create_task(manager.chat(sid, "a"))
     await gates.entered("a")
     waiting = asyncio.create_task(manager.chat(sid, "b"))
@@ -642,13 +700,12 @@ async def test_repr_and_statistics_show_live_state() -> None:
     gates.release("a", "b")
     await asyncio.gather(running, waiting)
     stats = manager.statistics()
-    assert (stats.running, stats.waiting, stats.completed, stats.created) == (0, 0, 2, 1)
-    assert len(manager) == 1
+    assert (stats.sessions, stats.running, stats.waiting, stats.completed, stats.created) == (1, 0, 0, 2, 1)
 
 
 async def test_results_and_messages_are_frozen_records() -> None:
     manager = SessionManager()
-    sid = manager.create_session()
+    sid = await manager.create_session()
     result = await manager.chat(sid, "hello")
     assert (result.session_id, result.turn, result.sources) == (sid, 1, ())
     assert result.elapsed >= result.waited >= 0
@@ -669,7 +726,7 @@ async def test_any_checkpointer_and_any_chat_model_work() -> None:
 
     model = GenericFakeChatModel(messages=iter([AIMessage("first reply"), AIMessage("second reply")]))
     manager = SessionManager(model=model, checkpointer=Saver())
-    sid = manager.create_session()
+    sid = await manager.create_session()
     assert (await manager.chat(sid, "a")).reply == "first reply"
     assert "".join([c async for c in manager.stream(sid, "b")]) == "second reply"
     assert [m.content for m in await manager.get_history(sid)] == ["a", "first reply", "b", "second reply"]
@@ -725,7 +782,7 @@ class CrossLoopGate:
 def test_turns_from_two_event_loops_in_two_threads(policy: str) -> None:
     gate = CrossLoopGate()
     manager = SessionManager(model=ExtractiveChatModel(latency=gate))
-    sid = manager.create_session()
+    sid = asyncio.run(manager.create_session())
     b_queued = threading.Event()
     manager.lock.add_observer(lambda e: b_queued.set() if e.kind == "requested" and e.label == "B" else None)
 

@@ -51,7 +51,7 @@ async def make_rig(**kwargs: Any) -> Rig:
     manager = SessionManager(
         model=ExtractiveChatModel(latency=gates), store=store, checkpointer=saver, retrieve_k=1, **kwargs
     )
-    sid = manager.create_session()
+    sid = await manager.create_session()
     gates.release("before")
     await manager.chat(sid, "before")
     return Rig(manager, saver, store, gates, sid)
@@ -100,7 +100,7 @@ async def test_cancellation_at_each_await_point_leaves_no_trace(point: str) -> N
 async def test_cancellation_while_the_first_turn_creates_the_thread() -> None:
     saver, gates = GatedSaver(), Gates(open_all=True)
     manager = SessionManager(model=ExtractiveChatModel(latency=gates), checkpointer=saver)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     entered, release = saver.hold("write")  # the first checkpoint of the thread is the first commit
     task = asyncio.create_task(manager.chat(sid, "first"))
     await entered.wait()
@@ -151,7 +151,7 @@ async def test_a_model_error_inside_the_model_is_not_mistaken_for_a_turn_timeout
             raise TimeoutError("the provider timed out")
 
     manager = SessionManager(model=Flaky(), turn_timeout=30)
-    sid = manager.create_session()
+    sid = await manager.create_session()
     with pytest.raises(TimeoutError, match="the provider timed out"):
         await manager.chat(sid, "hello")
     assert await manager.get_history(sid) == []
@@ -171,7 +171,7 @@ async def test_a_failed_model_call_leaves_no_dangling_user_message(service: str)
     gates = Gates(open_all=True)
     gates.fail("boom")
     manager = SessionManager(model=ExtractiveChatModel(latency=gates))
-    sid = manager.create_session()
+    sid = await manager.create_session()
     with pytest.raises(RuntimeError):
         if service == "SessionManager":
             await manager.chat(sid, "boom")

@@ -1,14 +1,23 @@
 """Property: whatever the interleaving of turns across sessions (arrival order, the order in which models
 finish, failures, cancellations, chat or stream), every session's history is exactly its successful turns,
-in arrival order, each reply computed with every earlier one: nothing lost, reordered or duplicated."""
+in arrival order, each reply computed with every earlier one: nothing lost, reordered or duplicated. For the
+built-in graph and for a graph of one's own with a custom state key reduced by ``operator.add`` (which must
+hold exactly one entry per committed turn)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import operator
+from typing import Annotated, Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from langchain_core.messages import AnyMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import START, StateGraph
+from langgraph.graph.message import add_messages
+from typing_extensions import TypedDict
 
 from chatkit import ExtractiveChatModel, SessionManager
 from chatkit.sessions import ChatResult
@@ -37,10 +46,30 @@ def in_flight(manager: SessionManager) -> int:
     return stats.running + stats.waiting
 
 
-async def run(n_sessions: int, ops: list[Op], order: list[int], yields: list[int]) -> None:
+class Logged(TypedDict):
+    messages: Annotated[list[AnyMessage], add_messages]
+    log: Annotated[list[str], operator.add]
+
+
+def own_graph(model: ExtractiveChatModel) -> StateGraph:
+    """``note`` (appends to ``log``) then ``generate`` (the model over the messages)."""
+
+    async def generate(state: Logged, config: RunnableConfig) -> dict[str, Any]:
+        return {"messages": [await model.ainvoke(state["messages"], config)]}
+
+    builder = StateGraph(Logged)
+    builder.add_node("note", lambda state: {"log": [state["messages"][-1].text]})
+    builder.add_node("generate", generate)
+    builder.add_edge(START, "note")
+    builder.add_edge("note", "generate")
+    return builder
+
+
+async def run(graph: str, n_sessions: int, ops: list[Op], order: list[int], yields: list[int]) -> None:
     gates = Gates()
-    manager = SessionManager(model=ExtractiveChatModel(latency=gates))
-    sids = [manager.create_session() for _ in range(n_sessions)]
+    model = ExtractiveChatModel(latency=gates)
+    manager = SessionManager(model=model) if graph == "built-in" else SessionManager(graph=own_graph(model))
+    sids = [await manager.create_session() for _ in range(n_sessions)]
     texts = [f"session {s} message {i}" for i, (s, _, _) in enumerate(ops)]
 
     async def collect(sid: str, text: str) -> str:
@@ -65,6 +94,9 @@ async def run(n_sessions: int, ops: list[Op], order: list[int], yields: list[int
     for s, sid in enumerate(sids):
         committed = [t for t, (owner, fate, _) in zip(texts, ops) if owner == s and fate == "ok"]
         assert pairs(await manager.get_history(sid)) == conversation(*committed)
+        if graph == "own":
+            state = await manager.graph.aget_state({"configurable": {"thread_id": sid}})
+            assert state.values.get("log", []) == committed
     for text, (s, fate, streamed), result in zip(texts, ops, results):
         if fate == "cancel":
             assert isinstance(result, asyncio.CancelledError)
@@ -86,7 +118,10 @@ async def run(n_sessions: int, ops: list[Op], order: list[int], yields: list[int
     assert not manager.lock.is_busy()
 
 
-@given(scenarios())
+@pytest.mark.parametrize("graph", ["built-in", "own"])
+@given(scenario=scenarios())
 @settings(max_examples=60, deadline=None)
-def test_interleavings_lose_reorder_or_duplicate_nothing(scenario: tuple[int, list[Op], list[int], list[int]]) -> None:
-    asyncio.run(run(*scenario))
+def test_interleavings_lose_reorder_or_duplicate_nothing(
+    graph: str, scenario: tuple[int, list[Op], list[int], list[int]]
+) -> None:
+    asyncio.run(run(graph, *scenario))

@@ -1,4 +1,5 @@
-"""CowVectorStore: the document API, LangChain API, write ordering, off-loop embedding, compaction."""
+"""CowVectorStore: the document API (sync and async), the LangChain API, write ordering, off-loop
+embedding, compaction, add-time validation."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import asyncio
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -18,49 +17,9 @@ from langchain_core.embeddings import Embeddings
 import chatkit
 from chatkit import CowVectorStore, HashEmbeddings, StoreSnapshot, Timeline
 from chatkit.store import CompactionResult, StoreStatistics
+from chatkit.store.ordering import WriteOrder
 
-GATE_TIMEOUT = 30  # a safety net for a broken test, never a way to wait for something
-
-
-def make(**kwargs: Any) -> CowVectorStore:
-    kwargs.setdefault("chunk_size", 40)
-    kwargs.setdefault("chunk_overlap", 0)
-    kwargs.setdefault("progress", False)
-    kwargs.setdefault("compaction", "off")
-    return CowVectorStore(kwargs.pop("embeddings", HashEmbeddings(dim=32)), **kwargs)
-
-
-def paragraphs(*words: str) -> str:
-    """One chunk per word: each paragraph is too long to share a 40-character chunk with another."""
-    return "\n\n".join(f"{w} " + "z" * 25 for w in words)
-
-
-def texts(docs: Sequence[Document]) -> list[str]:
-    return [d.page_content.split()[0] for d in docs]
-
-
-class GatedEmbeddings(HashEmbeddings):
-    """embed_documents waits until the test opens the gate named by the first word of the first text."""
-
-    def __init__(self, *names: str) -> None:
-        super().__init__(dim=32)
-        self.entered = {n: threading.Event() for n in names}
-        self.gates = {n: threading.Event() for n in names}
-        self.threads: dict[str, str] = {}
-
-    def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        name = texts[0].split()[0]
-        if name in self.gates:
-            self.threads[name] = threading.current_thread().name
-            self.entered[name].set()
-            if not self.gates[name].wait(GATE_TIMEOUT):
-                raise TimeoutError(f"gate {name!r} never opened")
-        return super().embed_documents(texts)
-
-
-async def entered(emb: GatedEmbeddings, name: str) -> None:
-    assert await asyncio.to_thread(emb.entered[name].wait, GATE_TIMEOUT), f"{name!r} never started embedding"
-
+from ._store_helpers import GATE_TIMEOUT, GatedEmbeddings, entered, make, paragraphs, texts
 
 class FixedEmbeddings(Embeddings):
     """Each text's vector is given by the test."""
@@ -78,9 +37,9 @@ class FixedEmbeddings(Embeddings):
 # ---------------------------------------------------------------------- the document API
 
 
-async def test_add_document_publishes_all_chunks_with_stamped_metadata() -> None:
+def test_add_document_publishes_all_chunks_with_stamped_metadata() -> None:
     store = make()
-    record = await store.add_document("pets.md", paragraphs("cats", "dogs", "fish"), metadata={"lang": "en"})
+    record = store.add_document("pets.md", paragraphs("cats", "dogs", "fish"), metadata={"lang": "en"})
     assert isinstance(record, chatkit.DocumentRecord)
     assert (record.source, record.chunks, record.version, record.replaced) == ("pets.md", 3, 1, 0)
     docs = store.similarity_search("cats", k=10)
@@ -93,10 +52,15 @@ async def test_add_document_publishes_all_chunks_with_stamped_metadata() -> None
         record.version = 2  # type: ignore[misc]
 
 
-async def test_replacing_a_source_swaps_every_chunk_in_one_version() -> None:
+@pytest.mark.parametrize("form", ["sync", "async"])
+async def test_replacing_a_source_swaps_every_chunk_in_one_version(form: str) -> None:
     store = make()
-    await store.add_document("a", paragraphs("old1", "old2", "old3"))
-    record = await store.add_document("a", paragraphs("new1", "new2"))
+    if form == "sync":  # the sync form from a plain thread: no event loop there
+        await asyncio.to_thread(store.add_document, "a", paragraphs("old1", "old2", "old3"))
+        record = await asyncio.to_thread(store.add_document, "a", paragraphs("new1", "new2"))
+    else:
+        await store.aadd_document("a", paragraphs("old1", "old2", "old3"))
+        record = await store.aadd_document("a", paragraphs("new1", "new2"))
     assert (record.version, record.chunks, record.replaced) == (2, 2, 3)
     assert sorted(texts(store.similarity_search("x", k=10))) == ["new1", "new2"]
     assert {d.metadata["version"] for d in store.similarity_search("x", k=10)} == {2}
@@ -104,36 +68,45 @@ async def test_replacing_a_source_swaps_every_chunk_in_one_version() -> None:
 
 async def test_remove_document_reports_whether_it_existed_and_bumps_version_only_then() -> None:
     store = make()
-    await store.add_document("a", paragraphs("one"))
-    await store.add_document("b", paragraphs("two"))
-    assert await store.remove_document("a") is True
+    await store.aadd_document("a", paragraphs("one"))
+    await store.aadd_document("b", paragraphs("two"))
+    assert await store.aremove_document("a") is True
     assert store.version == 3 and store.sources() == ["b"]
-    assert await store.remove_document("a") is False
-    assert await store.remove_document("never") is False
+    assert await store.aremove_document("a") is False
+    assert await asyncio.to_thread(store.remove_document, "never") is False
     assert store.version == 3
+    assert await asyncio.to_thread(store.remove_document, "b") is True
+    assert store.version == 4 and store.sources() == []
 
 
-async def test_add_documents_mapping_publishes_several_sources_in_one_step() -> None:
+async def test_add_sources_publishes_several_sources_in_one_step() -> None:
     store = make()
-    await store.add_document("a", paragraphs("old"))
-    records = await store.add_documents({"a": paragraphs("a1", "a2"), "b": paragraphs("b1")}, metadata={"b": {"k": 1}})
+    await store.aadd_document("a", paragraphs("old"))
+    records = await store.aadd_sources({"a": paragraphs("a1", "a2"), "b": paragraphs("b1")}, metadata={"b": {"k": 1}})
     assert [(r.source, r.chunks, r.version) for r in records] == [("a", 2, 2), ("b", 1, 2)]
     assert records[0].replaced == 1
     assert store.version == 2 and store.sources() == ["a", "b"]
     assert [d.metadata for d in store.snapshot().documents("b")] == [{"k": 1, "source": "b", "chunk": 0, "version": 2}]
-    assert await store.aadd_documents({}) == ()
+    assert await store.aadd_sources({}) == ()
+    records = await asyncio.to_thread(store.add_sources, {"c": paragraphs("c1"), "b": paragraphs("b2")})
+    assert [(r.source, r.version, r.replaced) for r in records] == [("c", 3, 0), ("b", 3, 1)]
+    assert await asyncio.to_thread(store.add_sources, {}) == () and store.version == 3
+    with pytest.raises(ValueError, match="not being added"):
+        await store.aadd_sources({"a": "x"}, metadata={"zz": {}})
+    with pytest.raises(TypeError, match="map sources to contents"):
+        await store.aadd_sources([("a", "x")])  # type: ignore[arg-type]
 
 
 async def test_snapshot_is_pinned_whatever_is_published_later() -> None:
     store = make(compaction="inline", merge_factor=2)
-    await store.add_document("a", paragraphs("a1", "a2"))
+    await store.aadd_document("a", paragraphs("a1", "a2"))
     ids = store.add_texts(["loose text"], ids=["t1"])
     snap = store.snapshot()
     before = [(d.id, d.page_content, d.metadata) for d in snap.similarity_search("a1", k=10)]
-    await store.add_document("a", paragraphs("a3"))
-    await store.add_document("b", paragraphs("b1"))
+    await store.aadd_document("a", paragraphs("a3"))
+    await store.aadd_document("b", paragraphs("b1"))
     store.delete(ids)
-    await store.remove_document("a")
+    await store.aremove_document("a")
     store.compact()
     assert isinstance(snap, StoreSnapshot) and snap.version == 2 and store.version == 6
     assert [(d.id, d.page_content, d.metadata) for d in snap.similarity_search("a1", k=10)] == before
@@ -161,23 +134,26 @@ async def test_bad_document_input_is_rejected_and_nothing_is_published(
     source: Any, content: Any, metadata: Any, error: type[Exception], fragment: str
 ) -> None:
     store = make()
-    await store.add_document("keep", paragraphs("kept"))
+    await store.aadd_document("keep", paragraphs("kept"))
     with pytest.raises(error, match=fragment):
-        await store.add_document(source, content, metadata)
+        await store.aadd_document(source, content, metadata)
     with pytest.raises(error, match=fragment):
-        await store.add_documents({source: content}, metadata={source: metadata} if metadata is not None else None)
+        await store.aadd_sources({source: content}, metadata={source: metadata} if metadata is not None else None)
+    with pytest.raises(error, match=fragment):
+        await asyncio.to_thread(store.add_document, source, content, metadata)
     assert store.version == 1 and store.sources() == ["keep"] and len(store) == 1
+    assert not store._order.busy()
 
 
 async def test_matching_source_metadata_is_accepted() -> None:
     store = make()
-    record = await store.add_document("a.md", "text", {"source": "a.md"})
+    record = await store.aadd_document("a.md", "text", {"source": "a.md"})
     assert record.chunks == 1
 
 
 async def test_bad_search_arguments_are_rejected() -> None:
     store = make()
-    await store.add_document("a", paragraphs("one"))
+    await store.aadd_document("a", paragraphs("one"))
     for k, error in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)):
         with pytest.raises(error, match="k must"):
             store.similarity_search("one", k=k)
@@ -227,16 +203,16 @@ class Broken(HashEmbeddings):
 
 async def test_vectors_of_the_wrong_dimension_or_a_failing_model_publish_nothing() -> None:
     store = make(embeddings=WrongDimension(dim=32))
-    await store.add_document("a", paragraphs("fine"))
+    await store.aadd_document("a", paragraphs("fine"))
     with pytest.raises(ValueError, match="16-d vectors but the store holds 32-d"):
-        await store.add_document("a", paragraphs("short"))
+        await store.aadd_document("a", paragraphs("short"))
     with pytest.raises(ValueError, match="16-d"):
         store.add_texts(["short text"])
     assert store.version == 1 and texts(store.similarity_search("fine")) == ["fine"]
     broken = make(embeddings=Broken(dim=32))
     with pytest.raises(RuntimeError, match="model crashed"):
-        await broken.add_document("a", "text")
-    assert broken.version == 0 and not broken._lock.is_busy()
+        await broken.aadd_document("a", "text")
+    assert broken.version == 0 and not broken._order.busy()
 
 
 # ---------------------------------------------------------------------- search semantics
@@ -273,8 +249,8 @@ async def test_mmr_trades_relevance_for_diversity() -> None:
 
 async def test_filters_by_metadata_dict_or_callable() -> None:
     store = make()
-    await store.add_document("a", paragraphs("apple", "apricot"), {"fruit": True})
-    await store.add_document("b", paragraphs("apple", "brick"), {"fruit": False})
+    await store.aadd_document("a", paragraphs("apple", "apricot"), {"fruit": True})
+    await store.aadd_document("b", paragraphs("apple", "brick"), {"fruit": False})
     got = store.similarity_search("apple", k=5, filter={"fruit": True})
     assert {d.metadata["source"] for d in got} == {"a"} and len(got) == 2
     got = store.similarity_search("apple", k=1, filter=lambda md: md["source"] == "b" and md["chunk"] == 1)
@@ -287,7 +263,7 @@ async def test_empty_store_answers_empty_lists() -> None:
     assert store.similarity_search("x") == [] and await store.asimilarity_search("x") == []
     assert store.similarity_search_by_vector([0.5] * 7) == []  # dimension unknown until the first add
     assert store.get_by_ids(["nope"]) == [] and store.sources() == [] and len(store) == 0
-    assert store.delete() is True and store.version == 0
+    assert store.delete() is False and store.version == 0  # nothing was there to delete
 
 
 # ---------------------------------------------------------------------- the LangChain write API
@@ -323,7 +299,9 @@ async def test_delete_and_async_forms() -> None:
     store = make()
     ids = await store.aadd_texts(["one", "two", "three"], ids=["1", "2", "3"])
     assert ids == ["1", "2", "3"]
-    assert await store.adelete(["1", "missing"]) is True
+    assert await store.adelete(["1", "missing"]) is True  # some existed: deleted
+    assert await store.adelete(["1", "missing"]) is False and store.version == 2  # none existed: nothing published
+    assert store.delete([]) is False
     assert sorted(d.id for d in await store.aget_by_ids(["1", "2", "3"])) == ["2", "3"]  # type: ignore[type-var]
     assert await store.aadd_documents([Document(page_content="four", id="4")]) == ["4"]
     assert [d.id for d in await store.asimilarity_search("four", k=1)] == ["4"]
@@ -367,44 +345,70 @@ def test_writes_from_many_threads_each_publish_atomically() -> None:
 # ---------------------------------------------------------------------- ordering, off-loop embedding, cancellation
 
 
-class RecordingExecutor(ThreadPoolExecutor):
-    """A thread pool that keeps the futures it hands out, so a test can wait for one job exactly."""
+class SpyOrder(WriteOrder):
+    """The store's write order, telling the test when a write starts waiting for its turn."""
 
     def __init__(self) -> None:
-        super().__init__(max_workers=4, thread_name_prefix="recording")
-        self.futures: list[Future[Any]] = []
+        super().__init__()
+        self.waiting: list[Any] = []
+        self.changed = asyncio.Event()
 
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
-        fut = super().submit(fn, *args, **kwargs)
-        self.futures.append(fut)
-        return fut
+    async def wait_async(self, ticket: Any) -> None:
+        if not ticket.turn:
+            self.waiting.append(ticket.keys)
+            self.changed.set()
+        await super().wait_async(ticket)
 
 
 async def test_same_source_writes_publish_in_call_order_even_if_the_first_embeds_last() -> None:
-    pool = RecordingExecutor()
-    asyncio.get_running_loop().set_default_executor(pool)
     emb = GatedEmbeddings("first")
     store = make(embeddings=emb)
-    w1 = asyncio.create_task(store.add_document("doc", paragraphs("first")))
-    w2 = asyncio.create_task(store.add_document("doc", paragraphs("second")))
-    await asyncio.sleep(0)  # both calls start: each submits its embedding job, in call order
-    assert len(pool.futures) == 2
+    store._order = spy = SpyOrder()
+    w1 = asyncio.create_task(store.aadd_document("doc", paragraphs("first")))
+    w2 = asyncio.create_task(store.aadd_document("doc", paragraphs("second")))
     await entered(emb, "first")  # the first call is stuck embedding
-    await asyncio.wrap_future(pool.futures[1])  # the second call has finished embedding ...
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert store.version == 0 and not w2.done()  # ... and waits to publish after the first
-    assert store._lock.waiters("doc") == 1
+    await spy.changed.wait()  # the second has embedded and waits for its turn, holding nothing
+    assert spy.waiting == [("doc",)] and store.version == 0 and not w2.done()
+    assert store._order.pending("doc") == 2
     emb.gates["first"].set()
     r1, r2 = await asyncio.gather(w1, w2)
     assert (r1.version, r2.version) == (1, 2) and r2.replaced == 1
     assert texts(store.similarity_search("x", k=5)) == ["second"]
+    assert not store._order.busy()
+
+
+async def test_sync_and_async_writers_to_one_source_publish_in_call_order() -> None:
+    emb = GatedEmbeddings("thread")
+    store = make(embeddings=emb)
+    store._order = spy = SpyOrder()
+    in_thread = asyncio.create_task(asyncio.to_thread(store.add_document, "doc", paragraphs("thread")))
+    await entered(emb, "thread")  # the thread's write took its ticket first and is embedding
+    on_loop = asyncio.create_task(store.aadd_document("doc", paragraphs("loop")))
+    await spy.changed.wait()  # the async write embedded and waits for the thread's write
+    assert store.version == 0
+    emb.gates["thread"].set()
+    first = await in_thread
+    second = await on_loop
+    assert (first.version, second.version) == (1, 2) and second.replaced == 1
+    assert texts(store.similarity_search("x")) == ["loop"]
+
+
+def test_sync_writes_refuse_to_block_a_thread_that_runs_an_event_loop() -> None:
+    store = make()
+
+    async def main() -> None:
+        for call in (lambda: store.add_document("a", "x"), lambda: store.add_sources({"a": "x"}), lambda: store.remove_document("a")):
+            with pytest.raises(RuntimeError, match=r"this thread runs an event loop: use `await store\.a"):
+                call()
+
+    asyncio.run(main())
+    assert store.version == 0 and not store._order.busy()
 
 
 async def test_embedding_runs_in_worker_threads_in_parallel_and_the_loop_stays_free() -> None:
     emb = GatedEmbeddings("left", "right")
     store = make(embeddings=emb)
-    writes = [asyncio.create_task(store.add_document(s, paragraphs(s))) for s in ("left", "right")]
+    writes = [asyncio.create_task(store.aadd_document(s, paragraphs(s))) for s in ("left", "right")]
     await entered(emb, "left")
     await entered(emb, "right")  # two sources embedding at the same time
     ticks = 0
@@ -424,24 +428,24 @@ async def test_embedding_runs_in_worker_threads_in_parallel_and_the_loop_stays_f
 async def test_a_cancelled_write_publishes_nothing_and_frees_its_source() -> None:
     emb = GatedEmbeddings("slow")
     store = make(embeddings=emb)
-    write = asyncio.create_task(store.add_document("doc", paragraphs("slow")))
+    write = asyncio.create_task(store.aadd_document("doc", paragraphs("slow")))
     await entered(emb, "slow")
     write.cancel()
     with pytest.raises(asyncio.CancelledError):
         await write
     emb.gates["slow"].set()  # the worker finishes; its result is dropped
-    record = await store.add_document("doc", paragraphs("fast"))
+    record = await store.aadd_document("doc", paragraphs("fast"))
     assert record.version == 1 and texts(store.similarity_search("x")) == ["fast"]
-    assert not store._lock.is_busy()
+    assert not store._order.busy()
 
 
 async def test_timeline_records_embed_publish_search_and_lock_spans() -> None:
     tl = Timeline()
     store = make(timeline=tl)
-    await store.add_document("a", paragraphs("one"))
+    await store.aadd_document("a", paragraphs("one"))
     await store.asimilarity_search("one")
     store.similarity_search("one")
-    await store.remove_document("a")
+    await store.aremove_document("a")
     rows = [(r.phase, r.key) for r in tl.rows()]
     assert ("embed", "a") in rows and ("publish", "a") in rows
     assert rows.count(("search", None)) == 2
@@ -459,9 +463,9 @@ async def test_timeline_records_embed_publish_search_and_lock_spans() -> None:
 async def test_a_write_shares_every_existing_segment_and_only_adds_one() -> None:
     store = make()
     for n in range(5):
-        await store.add_document(f"s{n}", paragraphs(f"w{n}"))
+        await store.aadd_document(f"s{n}", paragraphs(f"w{n}"))
     before = store.snapshot()
-    await store.add_document("s0", paragraphs("again"))
+    await store.aadd_document("s0", paragraphs("again"))
     after = store.snapshot()
     # no clone, no remove_ids: the old faiss indexes are the very same objects, one new segment appears
     assert [s.index for s in after.segments[:-1]] == [s.index for s in before.segments[1:]]
@@ -472,9 +476,9 @@ async def test_a_write_shares_every_existing_segment_and_only_adds_one() -> None
 async def test_compact_merges_segments_and_keeps_the_version_and_the_results() -> None:
     store = make()
     for n in range(6):
-        await store.add_document(f"s{n}", paragraphs(f"w{n}a", f"w{n}b"))
+        await store.aadd_document(f"s{n}", paragraphs(f"w{n}a", f"w{n}b"))
     store.add_texts(["kept"], ids=["K"])
-    await store.add_document("s0", paragraphs("w0c"))  # s0's first segment dies entirely and is dropped
+    await store.aadd_document("s0", paragraphs("w0c"))  # s0's first segment dies entirely and is dropped
     snap = store.snapshot()
 
     def everything() -> list[Any]:
@@ -492,8 +496,8 @@ async def test_compact_merges_segments_and_keeps_the_version_and_the_results() -
 
 async def test_compact_drops_tombstoned_rows() -> None:
     store = make()
-    await store.add_documents({f"s{n}": paragraphs(f"w{n}a", f"w{n}b") for n in range(4)})
-    await store.remove_document("s1")
+    await store.aadd_sources({f"s{n}": paragraphs(f"w{n}a", f"w{n}b") for n in range(4)})
+    await store.aremove_document("s1")
     assert store.statistics().dead_rows == 2
     result = store.compact()
     assert result.dropped_rows == 2 and store.statistics().dead_rows == 0 and len(store) == 6
@@ -504,7 +508,7 @@ async def test_automatic_compaction_keeps_the_segment_count_bounded(mode: str) -
     store = make(compaction=mode, merge_factor=2, max_segments=4)
     seen = []
     for n in range(40):
-        await store.add_document(f"s{n % 7}", paragraphs(f"w{n}"))
+        await store.aadd_document(f"s{n % 7}", paragraphs(f"w{n}"))
         seen.append(len(store.snapshot().segments))
     assert store.wait_for_compaction(timeout=GATE_TIMEOUT)
     assert max(seen) <= 4 + 1
@@ -554,17 +558,17 @@ def test_background_merge_failure_leaves_the_store_valid(monkeypatch: pytest.Mon
 
 async def test_progress_bar_for_many_chunks_can_be_turned_off(capsys: pytest.CaptureFixture[str]) -> None:
     many = paragraphs(*[f"w{n}" for n in range(130)])
-    await make(progress=True).add_document("big", many)
+    await make(progress=True).aadd_document("big", many)
     assert "embedding big" in capsys.readouterr().err
-    await make(progress=False).add_document("big", many)
-    await make(progress=True).add_document("small", paragraphs("a", "b"))
+    await make(progress=False).aadd_document("big", many)
+    await make(progress=True).aadd_document("small", paragraphs("a", "b"))
     assert capsys.readouterr().err == ""
 
 
 async def test_repr_shows_live_state() -> None:
     store = make()
     assert repr(store).startswith("<CowVectorStore version=0 rows=0 segments=0 dead=0 dim=None")
-    await store.add_document("a", paragraphs("x", "y"))
+    await store.aadd_document("a", paragraphs("x", "y"))
     assert "version=1 rows=2 segments=1" in repr(store) and "HashEmbeddings" in repr(store)
     assert repr(store.snapshot()) == "<StoreSnapshot version=1 rows=2 segments=1>"
     assert "not loaded" in repr(CowVectorStore())
@@ -610,3 +614,94 @@ async def test_segments_that_die_or_vanish_during_a_merge_stay_dead(monkeypatch:
     during.append(lambda: store.delete())  # everything is deleted mid-merge
     assert store.compact().segments == 0
     assert store.similarity_search("a", k=10) == [] and len(store) == 0 and bool(store)
+
+
+# ---------------------------------------------------------------------- API conventions, add-time validation
+
+
+def test_add_documents_takes_only_langchain_documents_and_names_add_sources_for_a_dict() -> None:
+    store = make()
+    with pytest.raises(TypeError, match=r"store\.add_sources\(\.\.\.\)"):
+        store.add_documents({"a.md": "text"})  # type: ignore[arg-type]
+
+    async def main() -> None:
+        with pytest.raises(TypeError, match=r"await store\.aadd_sources\(\.\.\.\)"):
+            await store.aadd_documents({"a.md": "text"})  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert store.add_documents([Document("as given", metadata={"k": 1}, id="d")]) == ["d"]
+    assert store.get_by_ids(["d"])[0].metadata == {"k": 1} and store.version == 1
+
+
+def test_source_writes_work_from_plain_threads_without_any_event_loop() -> None:
+    store = make()
+    out: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda n=n: out.append(store.add_document(f"s{n}", paragraphs(f"w{n}"))))
+        for n in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(GATE_TIMEOUT)
+    assert sorted(r.version for r in out) == [1, 2, 3, 4] and store.sources() == ["s0", "s1", "s2", "s3"]
+    assert store.add_sources({"s0": paragraphs("x"), "s9": paragraphs("y")})[0].replaced == 1
+    assert store.remove_document("s1") is True and store.remove_document("s1") is False
+
+
+def nested(depth: int) -> Any:
+    value: Any = "deep"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+BAD_METADATA = [
+    ({"k": "bad \ud800"}, ValueError, r"metadata\['k'\] of .* lone surrogate '\\ud800' at position 4"),
+    ({"k": ["ok", {"deep": "x\udfff"}]}, ValueError, r"metadata\['k'\]\[1\]\['deep'\] .* lone surrogate"),
+    ({"k\udc80": 1}, ValueError, "lone surrogate"),
+    ({"k": (1, 2)}, TypeError, r"metadata\['k'\] of .* is a tuple \(1, 2\): use a list"),
+    ({"k": [1, (2,)]}, TypeError, r"metadata\['k'\]\[1\] .* is a tuple"),
+    ({1: "x"}, TypeError, "keys must be str.*the int key 1"),
+    ({"k": {None: "x"}}, TypeError, r"keys must be str: metadata\['k'\] .* NoneType key None"),
+    ({"k": nested(33)}, ValueError, "nested more than 32"),
+]
+
+
+@pytest.mark.parametrize(("metadata", "error", "fragment"), BAD_METADATA)
+async def test_what_a_save_cannot_round_trip_is_refused_when_added(metadata: Any, error: type[Exception], fragment: str) -> None:
+    """The defect: such metadata was accepted, then changed silently on save/load (tuples, non-str keys)
+    or made every later save raise (lone surrogates). Now every write path refuses it, naming the key."""
+    store = make()
+    store.add_texts(["kept"], ids=["kept"])
+    with pytest.raises(error, match=fragment):
+        store.add_texts(["text"], [metadata])
+    with pytest.raises(error, match=fragment):
+        await store.aadd_texts(["text"], [metadata])
+    with pytest.raises(error, match=fragment):
+        store.add_documents([Document("text", metadata=metadata)])
+    with pytest.raises(error, match=fragment):
+        await store.aadd_document("a.md", "text", metadata)
+    with pytest.raises(error, match=fragment):
+        await store.aadd_sources({"a.md": "text"}, metadata={"a.md": metadata})
+    assert store.version == 1 and len(store) == 1 and not store._order.busy()
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda s: s.add_texts(["bad \ud800 text"]),
+        lambda s: s.add_texts(["text"], ids=["id\udfff"]),
+        lambda s: s.add_document("a.md", "bad \ud800 text"),
+        lambda s: s.add_document("a\ud800.md", "text"),
+        lambda s: s.add_sources({"a.md": "fine", "b.md": "bad \udbff"}),
+    ],
+    ids=["text", "id", "content", "source", "one of several"],
+)
+def test_lone_surrogates_in_texts_ids_or_sources_are_refused(write: Any, tmp_path: Any) -> None:
+    store = make()
+    store.add_texts(["kept"])
+    with pytest.raises(ValueError, match="lone surrogate"):
+        write(store)
+    assert store.version == 1
+    store.save(tmp_path)  # and saving still works

@@ -94,11 +94,11 @@ async def scenario(kind: str, scripts: list[list[tuple[Any, ...]]], readers: int
                 _, source, n = step
                 tag = next(tags)
                 calls.append((source, tag))  # no await between this and joining the source's queue
-                record = await store.add_document(source, content(tag, n))
+                record = await store.aadd_document(source, content(tag, n))
                 assert record.chunks == n and record.source == source
             else:
                 calls.append((step[1], None))
-                await store.remove_document(step[1])
+                await store.aremove_document(step[1])
 
     async def reader() -> None:
         last_version = -1
@@ -183,9 +183,9 @@ def test_readers_never_see_partial_or_mixed_documents(
 async def test_a_reader_between_two_chunks_sees_all_or_nothing(kind: str) -> None:
     """The smallest case, sequenced by hand: one writer, one reader that looks after every yield."""
     store = make_store(kind)
-    await store.add_document("a", content(1, 3))
+    await store.aadd_document("a", content(1, 3))
     looks: list[tuple[int, ...]] = []
-    writing = asyncio.create_task(store.add_document("a", content(2, 3)))
+    writing = asyncio.create_task(store.aadd_document("a", content(2, 3)))
     while not writing.done():
         docs = store.similarity_search("tag", k=100)
         looks.append(tuple(sorted(int(_PART.match(d.page_content).group(1)) for d in docs)))  # type: ignore[union-attr]

@@ -17,7 +17,7 @@ async def test_the_default_model_embeds_offline_and_retrieves_by_meaning(local_e
     vector = local_embeddings.embed_query("hello")
     assert len(vector) == 384 and math.isclose(math.fsum(x * x for x in vector), 1.0, rel_tol=1e-4)
     store = CowVectorStore(progress=False, chunk_size=120, chunk_overlap=0)  # no embeddings: the default model
-    await store.add_documents(
+    await store.aadd_sources(
         {
             "returns.md": "You can send items back within 30 days and we refund the full price.",
             "shipping.md": "Parcels leave our warehouse within two business days.",

@@ -1,15 +1,16 @@
-"""Saving and loading CowVectorStore: round trips, crash injection at every step, a killed saver,
-and manifests that are corrupt or malicious."""
+"""Saving and loading CowVectorStore: the file format (round trips, chatkit 0.1's format), crash injection
+at every file-system step, a killed saver, and directories that are corrupt or malicious."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +18,25 @@ import faiss
 import numpy as np
 import pytest
 
-import chatkit.store.persist as persist
+import chatkit.store.files as files
 from chatkit import CowVectorStore, HashEmbeddings
+from chatkit.store.persist import MAX_NESTING
+
+from .test_store_directory import assert_tidy, child_env, manifests
 
 DIM = 32
+OPTIONS: dict[str, Any] = {"chunk_size": 40, "chunk_overlap": 0, "progress": False, "compaction": "off"}
 
 
 def open_store(directory: Path | None = None) -> CowVectorStore:
-    options: dict[str, Any] = {"chunk_size": 40, "chunk_overlap": 0, "progress": False, "compaction": "off"}
+    """A new store, or (with ``directory``) a reader of the newest version saved there."""
     if directory is None:
-        return CowVectorStore(HashEmbeddings(dim=DIM), **options)
-    return CowVectorStore.load(directory, HashEmbeddings(dim=DIM), **options)
+        return CowVectorStore(HashEmbeddings(dim=DIM), **OPTIONS)
+    return CowVectorStore.load(directory, HashEmbeddings(dim=DIM), **OPTIONS)
+
+
+def open_writer(directory: Path, **options: Any) -> CowVectorStore:
+    return CowVectorStore.open(directory, HashEmbeddings(dim=DIM), **OPTIONS, **options)
 
 
 def fingerprint(store: CowVectorStore) -> tuple[int, list[tuple[Any, ...]]]:
@@ -35,26 +44,31 @@ def fingerprint(store: CowVectorStore) -> tuple[int, list[tuple[Any, ...]]]:
     return store.version, sorted((d.id, d.page_content, json.dumps(d.metadata, sort_keys=True)) for d in docs)
 
 
-async def build_v1() -> CowVectorStore:
-    store = open_store()
-    await store.add_document("a.md", "alpha one\n\nalpha two is longer than forty chars", {"lang": "en"})
-    await store.add_document("b.md", "bravo")
+def newest_manifest(directory: Path) -> Path:
+    return directory / manifests(directory)[-1]
+
+
+async def build_v1(store: CowVectorStore) -> CowVectorStore:
+    await store.aadd_document("a.md", "alpha one\n\nalpha two is longer than forty chars", {"lang": "en"})
+    await store.aadd_document("b.md", "bravo")
     store.add_texts(["loose", "gone"], [{"n": 1, "f": 0.5, "l": [1, "x"], "none": None}, {}], ids=["t1", "t2"])
     store.delete(["t2"])  # a tombstone that must survive the round trip
     return store
 
 
 async def make_v2(store: CowVectorStore) -> None:
-    await store.add_document("a.md", "alpha replaced")  # tombstones rows of an existing segment
-    await store.remove_document("b.md")  # b's segment dies entirely: its files become stale
+    await store.aadd_document("a.md", "alpha replaced")  # tombstones rows of an existing segment
+    await store.aremove_document("b.md")  # b's segment dies entirely: its files become stale
     store.add_texts(["new text"], ids=["t3"])
 
 
 @pytest.fixture
-async def saved_v1(tmp_path: Path) -> tuple[Path, CowVectorStore, Any]:
-    store = await build_v1()
+async def saved_v1(tmp_path: Path) -> Iterator[tuple[Path, CowVectorStore, Any]]:
+    """Version 1 saved in ``tmp_path/v1`` by a store that stays its writer until the test ends."""
+    store = await build_v1(open_store())
     store.save(tmp_path / "v1")
-    return tmp_path / "v1", store, fingerprint(store)
+    yield tmp_path / "v1", store, fingerprint(store)
+    store._release_directory()
 
 
 # ---------------------------------------------------------------------- round trips
@@ -69,54 +83,89 @@ async def test_round_trip_keeps_documents_tombstones_versions_and_search(saved_v
     assert [d.id for d in loaded.similarity_search("bravo", k=2)] == [d.id for d in store.similarity_search("bravo", k=2)]
     assert loaded.get_by_ids(["t1"])[0].metadata == {"n": 1, "f": 0.5, "l": [1, "x"], "none": None}
     names = sorted(p.name for p in directory.iterdir())
-    assert names[0] == "manifest.json" and len(names) == 7 and all(n.startswith("seg-") for n in names[1:])
+    assert names[0] == "manifest-000000000001.json" and names[-1] == "writer.lock"
+    assert len(names) == 8 and all(n.startswith("seg-") for n in names[1:-1])  # 3 segments, 2 files each
     assert not any(p.suffix == ".pkl" or b"pickle" in p.read_bytes()[:100] for p in directory.iterdir())
-    await loaded.add_document("c.md", "charlie")  # a loaded store is a normal store
+    await loaded.aadd_document("c.md", "charlie")  # a loaded store is a normal store (in memory)
     assert loaded.version == 5
 
 
-async def test_saving_again_reuses_immutable_segments_and_removes_stale_files(saved_v1: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    directory, store, _ = saved_v1
-    written: list[str] = []
-    real_write = persist._write_file
-    monkeypatch.setattr(persist, "_write_file", lambda path, data: (written.append(path.name), real_write(path, data)))
-    store.save(directory)
-    assert [n for n in written if n.startswith("seg-")] == []  # nothing changed but the manifest
-    await make_v2(store)
-    written.clear()
-    store.save(directory)
-    assert len([n for n in written if n.startswith("seg-")]) == 4  # only the two new segments
-    manifest = json.loads((directory / "manifest.json").read_text())
-    listed = {e["index"] for e in manifest["segments"]} | {e["rows"] for e in manifest["segments"]}
-    assert {p.name for p in directory.iterdir()} == listed | {"manifest.json"}
-    assert fingerprint(open_store(directory)) == fingerprint(store)
+async def test_saving_again_writes_only_new_segments_and_retention_removes_stale_files(tmp_path: Path) -> None:
+    store = await build_v1(open_writer(tmp_path, keep_versions=1, keep_seconds=0))
+    try:
+        first = store.save()
+        assert (first.generation, first.segments, first.segments_written) == (1, 3, 3)
+        assert store.save() is first  # nothing changed: nothing written
+        await make_v2(store)
+        second = store.save()
+        assert (second.generation, second.segments, second.segments_written, second.versions_removed) == (2, 3, 2, 1)
+        assert manifests(tmp_path) == ["manifest-000000000002.json"]
+        assert_tidy(tmp_path)  # b.md's segment files went with version 1
+        assert fingerprint(open_store(tmp_path)) == fingerprint(store)
+    finally:
+        store._release_directory()
 
 
 async def test_an_empty_store_round_trips(tmp_path: Path) -> None:
-    open_store().save(tmp_path)
+    store = open_store()
+    assert store.save(tmp_path).segments == 0
     loaded = open_store(tmp_path)
     assert loaded.version == 0 and len(loaded) == 0 and loaded.snapshot().dim is None
+    store._release_directory()
 
 
-async def test_save_refuses_to_overwrite_a_foreign_manifest(tmp_path: Path) -> None:
+async def test_save_refuses_a_directory_holding_a_foreign_manifest(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text('{"name": "my web app"}')
-    with pytest.raises(ValueError, match="refusing to overwrite"):
-        (await build_v1()).save(tmp_path)
+    store = await build_v1(open_store())
+    with pytest.raises(ValueError, match="refusing to write into .*manifest.json is not a chatkit store manifest"):
+        store.save(tmp_path)
     assert (tmp_path / "manifest.json").read_text() == '{"name": "my web app"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "writer.lock"]
 
 
-async def test_metadata_that_is_not_json_fails_the_save_and_keeps_the_previous_one(saved_v1: Any) -> None:
+async def test_metadata_that_cannot_be_saved_fails_the_save_and_keeps_the_previous_version(saved_v1: Any) -> None:
     directory, store, v1 = saved_v1
     store.add_texts(["odd"], [{"when": object()}], ids=["odd"])
     with pytest.raises(TypeError, match="metadata of document 'odd' is not JSON-serializable"):
-        store.save(directory)
+        store.save()
+    store.delete(["odd"])
+    deep: Any = "bottom"
+    for _ in range(MAX_NESTING):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested more than"):  # refused when added, so a save never meets it
+        store.add_texts(["deep"], [{"deep": deep}], ids=["deep"])
     assert fingerprint(open_store(directory)) == v1
+    assert store.save().generation == 2  # the writer still works
+    assert_tidy(directory)
 
 
 async def test_asave_runs_off_the_loop(tmp_path: Path) -> None:
-    store = await build_v1()
-    path = await store.asave(tmp_path)
-    assert path == tmp_path / "manifest.json" and fingerprint(open_store(tmp_path)) == fingerprint(store)
+    store = await build_v1(open_store())
+    saved = await store.asave(tmp_path)
+    assert saved.manifest == tmp_path.resolve() / "manifest-000000000001.json"
+    assert fingerprint(open_store(tmp_path)) == fingerprint(store)
+    assert await open_store(tmp_path).arefresh() is False
+    store._release_directory()
+
+
+async def test_a_directory_saved_by_chatkit_0_1_loads_and_is_upgraded_by_its_next_writer(saved_v1: Any) -> None:
+    directory, store, v1 = saved_v1
+    store._release_directory()
+    manifest = json.loads(newest_manifest(directory).read_text())
+    for key in ("generation", "saved_at"):
+        del manifest[key]
+    manifest["format_version"] = 1
+    newest_manifest(directory).unlink()
+    (directory / "manifest.json").write_text(json.dumps(manifest))  # chatkit 0.1's layout
+    assert fingerprint(open_store(directory)) == v1
+    writer = open_writer(directory, keep_versions=1, keep_seconds=0)
+    try:
+        writer.add_texts(["after the upgrade"], ids=["up"])
+        assert writer.save().generation == 1
+        assert manifests(directory) == ["manifest-000000000001.json"] and not (directory / "manifest.json").exists()
+        assert fingerprint(open_store(directory)) == fingerprint(writer)
+    finally:
+        writer._release_directory()
 
 
 # ---------------------------------------------------------------------- crash injection
@@ -126,30 +175,33 @@ class Crash(Exception):
     pass
 
 
+STEPS = ("write_file", "fsync", "replace", "fsync_dir", "remove")
+
+
 def inject(monkeypatch: pytest.MonkeyPatch, fail_at: int, torn: bool) -> dict[str, Any]:
     """Make the ``fail_at``-th file-system step of a save fail (a torn write, if ``torn``)."""
     state: dict[str, Any] = {"steps": 0, "manifest_replaced": False, "failed": False}
-    originals = {name: getattr(persist, name) for name in ("_write_file", "_fsync", "_replace", "_fsync_dir")}
+    originals = {name: getattr(files, name) for name in STEPS}
 
     def wrap(name: str) -> Callable[..., Any]:
         def step(*args: Any) -> Any:
             state["steps"] += 1
             if state["steps"] == fail_at and not state["failed"]:
                 state["failed"] = True
-                if name == "_write_file" and torn:
+                if name == "write_file" and torn:
                     path, data = args
                     with open(path, "xb") as f:
                         f.write(bytes(memoryview(data))[: len(data) // 2])
                 raise Crash(f"crash at step {fail_at} ({name})")
             result = originals[name](*args)
-            if name == "_replace" and Path(args[1]).name == "manifest.json":
+            if name == "replace" and Path(args[1]).name.startswith("manifest-"):
                 state["manifest_replaced"] = True
             return result
 
         return step
 
     for name in originals:
-        monkeypatch.setattr(persist, name, wrap(name))
+        monkeypatch.setattr(files, name, wrap(name))
     return state
 
 
@@ -157,39 +209,47 @@ def inject(monkeypatch: pytest.MonkeyPatch, fail_at: int, torn: bool) -> dict[st
 async def test_a_crash_at_any_step_of_save_leaves_a_loadable_version(
     saved_v1: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torn: bool
 ) -> None:
+    """Every step of an incremental save (new segment files, the manifest, deleting version 1 under
+    retention) fails in turn; the newest version on disk is always whole, and the same writer's next
+    save works and clears the debris."""
     directory, store, v1 = saved_v1
-    await make_v2(store)
-    v2 = fingerprint(store)
+    store._release_directory()
     fail_at = 0
     while True:
         fail_at += 1
         target = tmp_path / f"crash-{fail_at}"
         shutil.copytree(directory, target)
-        with monkeypatch.context() as m:
-            state = inject(m, fail_at, torn)
-            try:
-                store.save(target)
-            except Crash:
-                pass
-        if not state["failed"]:
-            break  # the save finished before reaching step `fail_at`: every step has been tried
-        expected = v2 if state["manifest_replaced"] else v1
-        assert fingerprint(open_store(target)) == expected, f"after a crash at step {fail_at}"
-        store.save(target)  # the next save works and clears the debris
-        assert fingerprint(open_store(target)) == v2
-        assert not [p.name for p in target.iterdir() if ".tmp-" in p.name]
-    assert fail_at > 10  # segment files (write+fsync, rename) x 4, directory fsyncs, manifest
+        writer = open_writer(target, keep_versions=1, keep_seconds=0)
+        try:
+            await make_v2(writer)
+            v2 = fingerprint(writer)
+            with monkeypatch.context() as m:
+                state = inject(m, fail_at, torn)
+                try:
+                    writer.save()
+                except Crash:
+                    pass
+            if not state["failed"]:
+                break  # the save finished before reaching step `fail_at`: every step has been tried
+            expected = v2 if state["manifest_replaced"] else v1
+            assert fingerprint(open_store(target)) == expected, f"after a crash at step {fail_at}"
+            writer.save()  # the next save works and clears the debris
+            assert fingerprint(open_store(target)) == v2
+            assert_tidy(target)
+        finally:
+            writer._release_directory()
+    assert fail_at > 15  # segment files (write, fsync, rename) x 4, directory fsyncs, manifest, deletions
 
 
 CHILD = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    import chatkit.store.persist as p
+    import chatkit.store.files as files
     from chatkit import CowVectorStore, HashEmbeddings
 
     directory, point = Path(sys.argv[1]), sys.argv[2]
-    store = CowVectorStore.load(directory, HashEmbeddings(dim=32), compaction="off", progress=False)
+    store = CowVectorStore.open(directory, HashEmbeddings(dim=32), compaction="off", progress=False)
     store.add_texts(["written by the child"], ids=["child"])
     store.delete(["t1"])
 
@@ -198,7 +258,7 @@ CHILD = textwrap.dedent(
         sys.stdout.flush()
         sys.stdin.read()  # the parent kills us while we wait here
 
-    real_write, real_replace = p._write_file, p._replace
+    real_replace = files.replace
 
     def torn_write(path, data):
         with open(path, "xb") as f:
@@ -208,16 +268,16 @@ CHILD = textwrap.dedent(
         hang()
 
     def replace(src, dst):
-        if point == "before-manifest-replace" and Path(dst).name == "manifest.json":
+        if point == "before-manifest-replace" and Path(dst).name.startswith("manifest-"):
             hang()
         real_replace(src, dst)
-        if point == "after-manifest-replace" and Path(dst).name == "manifest.json":
+        if point == "after-manifest-replace" and Path(dst).name.startswith("manifest-"):
             hang()
 
     if point == "torn-segment-write":
-        p._write_file = torn_write
-    p._replace = replace
-    store.save(directory)
+        files.write_file = torn_write
+    files.replace = replace
+    store.save()
     sys.stdout.write("finished without being killed\\n")
     """
 )
@@ -226,7 +286,7 @@ CHILD = textwrap.dedent(
 KILL_POINTS = {"torn-segment-write": "v1", "before-manifest-replace": "v1", "after-manifest-replace": "v2"}
 
 
-async def test_a_saver_killed_mid_save_leaves_a_loadable_version(saved_v1: Any, tmp_path: Path) -> None:
+async def test_a_saver_killed_mid_save_leaves_a_loadable_version_and_a_free_directory(saved_v1: Any, tmp_path: Path) -> None:
     """Three children (run side by side) each SIGKILLed at one point of a save, after telling us they got there."""
     directory, store, v1 = saved_v1
     children = {}
@@ -238,6 +298,7 @@ async def test_a_saver_killed_mid_save_leaves_a_loadable_version(saved_v1: Any, 
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=child_env(),
         )
     try:
         for point, child in children.items():
@@ -256,13 +317,17 @@ async def test_a_saver_killed_mid_save_leaves_a_loadable_version(saved_v1: Any, 
         else:
             assert loaded.version == v1[0] + 2, point
             assert [d.id for d in loaded.get_by_ids(["child", "t1"])] == ["child"], point
+        writer = open_writer(tmp_path / point)  # the lock died with the child; opening clears its debris
+        assert fingerprint(writer) == fingerprint(loaded)
+        assert_tidy(tmp_path / point)
+        writer._release_directory()
 
 
 # ---------------------------------------------------------------------- corrupt and malicious directories
 
 
 def edit_manifest(directory: Path, change: Callable[[dict[str, Any]], Any]) -> None:
-    path = directory / "manifest.json"
+    path = newest_manifest(directory)
     manifest = json.loads(path.read_text())
     result = change(manifest)
     path.write_text(json.dumps(manifest if result is None else result))
@@ -275,7 +340,9 @@ def set_segment(key: str, value: Any, index: int = 0) -> Callable[[dict[str, Any
 MANIFEST_EDITS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("json list", lambda m: [m], "expected a JSON object"),
     ("other format", lambda m: m.__setitem__("format", "faiss-langchain"), "'format' must be"),
-    ("future format", lambda m: m.__setitem__("format_version", 2), "unsupported 'format_version'"),
+    ("future format", lambda m: m.__setitem__("format_version", 3), "unsupported 'format_version'"),
+    ("another generation", lambda m: m.__setitem__("generation", 7), "'generation' is 7 but the file name says 1"),
+    ("saved_at as str", lambda m: m.__setitem__("saved_at", "noon"), "'saved_at' must be a time"),
     ("version as str", lambda m: m.__setitem__("version", "5"), "'version' must be an int"),
     ("negative version", lambda m: m.__setitem__("version", -1), "'version' must be at least 0"),
     ("dim as str", lambda m: m.__setitem__("dim", "32"), "'dim' must be an int"),
@@ -309,19 +376,25 @@ async def test_corrupt_or_malicious_manifests_fail_with_a_clear_error(
         open_store(directory)
 
 
-def forge(directory: Path, suffix: str, data: bytes) -> None:
-    """Replace the first segment's file and fix its checksum in the manifest, as an attacker would."""
-    manifest = json.loads((directory / "manifest.json").read_text())
+def forge(directory: Path, suffix: str, data: bytes) -> str:
+    """Replace the first segment's file and fix its checksum in the manifest, as an attacker would;
+    return the file's name."""
+    manifest = json.loads(newest_manifest(directory).read_text())
     entry = manifest["segments"][0]
     name = entry["index" if suffix == "faiss" else "rows"]
+    (directory / name).unlink()
     (directory / name).write_bytes(data)
     entry["index_sha256" if suffix == "faiss" else "rows_sha256"] = hashlib.sha256(data).hexdigest()
-    (directory / "manifest.json").write_text(json.dumps(manifest))
+    newest_manifest(directory).write_text(json.dumps(manifest))
+    return name
 
 
-def rows_of_first_segment(directory: Path) -> dict[str, Any]:
-    manifest = json.loads((directory / "manifest.json").read_text())
-    return json.loads((directory / manifest["segments"][0]["rows"]).read_text())
+def first_segment(directory: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """The first segment's rows and vectors."""
+    entry = json.loads(newest_manifest(directory).read_text())["segments"][0]
+    rows = json.loads((directory / entry["rows"]).read_text())
+    index = faiss.deserialize_index(np.frombuffer((directory / entry["index"]).read_bytes(), dtype=np.uint8))
+    return rows, faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d).copy()
 
 
 async def test_files_that_fail_their_checks_are_rejected(saved_v1: Any, tmp_path: Path) -> None:
@@ -334,8 +407,8 @@ async def test_files_that_fail_their_checks_are_rejected(saved_v1: Any, tmp_path
         shutil.copytree(pristine, directory)
         return directory
 
-    with pytest.raises(ValueError, match="not valid JSON"):
-        (fresh() / "manifest.json").write_bytes(b"{nope")
+    with pytest.raises(ValueError, match=r"manifest-000000000001\.json: not valid JSON"):
+        newest_manifest(fresh()).write_bytes(b"{nope")
         open_store(directory)
     with pytest.raises(FileNotFoundError, match="is missing"):
         next(fresh().glob("seg-*.faiss")).unlink()
@@ -355,17 +428,17 @@ async def test_files_that_fail_their_checks_are_rejected(saved_v1: Any, tmp_path
         forge(fresh(), "faiss", b"Ix!")
         open_store(directory)
     with pytest.raises(ValueError, match="row 0 has a wrong type"):
-        rows = rows_of_first_segment(fresh())
+        rows, _ = first_segment(fresh())
         rows["texts"][0] = 42
         forge(directory, "json", json.dumps(rows).encode())
         open_store(directory)
     with pytest.raises(ValueError, match="expected an object with keys"):
-        rows = rows_of_first_segment(fresh())
+        rows, _ = first_segment(fresh())
         del rows["versions"]
         forge(directory, "json", json.dumps(rows).encode())
         open_store(directory)
     with pytest.raises(ValueError, match="ids must be unique"):
-        rows = rows_of_first_segment(fresh())
+        rows, _ = first_segment(fresh())
         rows["ids"][1] = rows["ids"][0]
         forge(directory, "json", json.dumps(rows).encode())
         open_store(directory)
@@ -379,8 +452,70 @@ async def test_files_that_fail_their_checks_are_rejected(saved_v1: Any, tmp_path
 
         edit_manifest(fresh(), duplicate)
         open_store(directory)
+    with pytest.raises(ValueError, match=r"seg-[0-9a-f]{32}\.json is not a regular file"):
+        name = json.loads(newest_manifest(fresh()).read_text())["segments"][0]["rows"]
+        (directory / name).unlink()
+        os.mkfifo(directory / name)  # opening a FIFO to read would block: never opened that way
+        open_store(directory)
     fresh()
     assert fingerprint(open_store(directory))[0] == 4  # the pristine copy still loads
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "length-30", "length-0.5"])
+async def test_load_refuses_vectors_that_are_not_finite_unit_vectors(saved_v1: Any, bad: str) -> None:
+    """Issue 10 item 8. Before: loaded without a word; a "cosine" score could be 894."""
+    directory, _, _ = saved_v1
+    _, vectors = first_segment(directory)
+    vectors[-1] = {"nan": np.nan, "inf": np.inf, "length-30": 30 / np.sqrt(DIM), "length-0.5": 0.5 / np.sqrt(DIM)}[bad]
+    forged = faiss.IndexFlatIP(DIM)
+    forged.add(vectors)
+    name = forge(directory, "faiss", faiss.serialize_index(forged).tobytes())
+    expected = "holds NaN or infinite values" if bad in ("nan", "inf") else f"has length {bad[7:]}, not unit length"
+    with pytest.raises(ValueError, match=rf"corrupt faiss file .*{name}: vector {len(vectors) - 1} {expected}"):
+        open_store(directory)
+
+
+async def test_load_accepts_zero_vectors(tmp_path: Path) -> None:
+    store = open_store()
+    store.add_texts(["", "words"], ids=["empty", "words"])  # HashEmbeddings embeds "" to the zero vector
+    store.save(tmp_path)
+    assert fingerprint(open_store(tmp_path)) == fingerprint(store)
+    store._release_directory()
+
+
+async def test_load_refuses_a_segment_file_linked_outside_the_directory(saved_v1: Any, tmp_path: Path) -> None:
+    """Issue 10 item 8. Before: the link was followed and the outside file loaded."""
+    directory, _, _ = saved_v1
+    name = json.loads(newest_manifest(directory).read_text())["segments"][0]["rows"]
+    outside = tmp_path / "secret.json"
+    (directory / name).rename(outside)  # same bytes, same checksum: only the link is wrong
+    (directory / name).symlink_to(outside)
+    with pytest.raises(ValueError, match=rf"{name} is a symbolic link \(to '{outside}'\); a saved store holds only regular files"):
+        open_store(directory)
+    newest_manifest(directory).rename(tmp_path / "manifest.json")
+    (directory / "manifest-000000000001.json").symlink_to(tmp_path / "manifest.json")
+    with pytest.raises(ValueError, match=r"manifest-000000000001\.json is a symbolic link"):
+        open_store(directory)
+
+
+@pytest.mark.parametrize("where", ["rows", "manifest", "metadata"])
+async def test_load_refuses_deeply_nested_json(saved_v1: Any, where: str) -> None:
+    """Issue 10 item 8. Before: RecursionError from json.loads (rows, manifest); metadata nested deeper
+    than a save writes was accepted."""
+    directory, _, _ = saved_v1
+    depth = 100_000 if where != "metadata" else MAX_NESTING + 1
+    deep = "[" * depth + "]" * depth
+    if where == "manifest":
+        path = newest_manifest(directory)
+        path.write_text(path.read_text().replace('"segments": [', f'"deep": {deep}, "segments": [', 1))
+        name, message = path.name, "JSON nested too deeply to read"
+    else:
+        rows, _ = first_segment(directory)
+        text = json.dumps(rows).replace('"metadatas": [{', f'"metadatas": [{{"deep": {deep}, ', 1)
+        name = forge(directory, "json", text.encode())
+        message = "JSON nested too deeply to read" if where == "rows" else f"row 0 is nested deeper than {MAX_NESTING} levels"
+    with pytest.raises(ValueError, match=rf"{name}.*{message}"):
+        open_store(directory)
 
 
 async def test_missing_store_and_dimension_mismatch_are_explained(saved_v1: Any, tmp_path: Path) -> None:
@@ -388,7 +523,7 @@ async def test_missing_store_and_dimension_mismatch_are_explained(saved_v1: Any,
     with pytest.raises(FileNotFoundError, match="not a directory"):
         CowVectorStore.load(tmp_path / "nowhere", HashEmbeddings(dim=DIM))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
+    with pytest.raises(FileNotFoundError, match="no saved store at .*empty: no manifest"):
         CowVectorStore.load(tmp_path / "empty", HashEmbeddings(dim=DIM))
     with pytest.raises(ValueError, match="holds 32-d vectors but HashEmbeddings gives 16-d"):
         CowVectorStore.load(directory, HashEmbeddings(dim=16))

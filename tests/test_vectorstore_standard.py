@@ -19,3 +19,4 @@ class TestCowVectorStoreStandard(VectorStoreIntegrationTests):
         store = CowVectorStore(HashEmbeddings(dim=32), compaction="inline", progress=False)
         yield store
         store.delete()  # leave nothing behind, as the suite asks
+        store.close()

@@ -40,8 +40,10 @@ class _Row:
 class NaiveVectorStore:
     """A deliberately naive store: in-place mutation, chunk by chunk, no locks, no snapshots.
 
-    Same document surface as :class:`~chatkit.CowVectorStore` (``add_document``, ``remove_document``,
-    ``similarity_search``, ``sources()``, ``version``, ``snapshot()``), so experiments can swap them.
+    Same async document surface as :class:`~chatkit.CowVectorStore` (``aadd_document``,
+    ``aremove_document``, ``similarity_search``, ``asimilarity_search``, ``sources()``, ``version``,
+    ``snapshot()``), so experiments can swap them. (It has no sync writes: its point is the ``await``
+    between chunks.)
 
     Args:
         embeddings: any LangChain ``Embeddings`` (default: the local MiniLM model). Embedding runs
@@ -64,7 +66,7 @@ class NaiveVectorStore:
         ...         seen.append(len(store.similarity_search("one", k=10)))
         ...         await asyncio.sleep(0)
         >>> async def main():
-        ...     await asyncio.gather(reader(), store.add_document("a", "one.\\n\\ntwo.\\n\\nthree."))
+        ...     await asyncio.gather(reader(), store.aadd_document("a", "one.\\n\\ntwo.\\n\\nthree."))
         >>> asyncio.run(main())
         >>> seen  # the reader saw the document grow one chunk at a time
         [0, 1, 2, 3]
@@ -152,11 +154,11 @@ class NaiveVectorStore:
             await self._pause()
         return removed
 
-    async def add_document(self, source: str, content: str, metadata: Mapping[str, Any] | None = None) -> DocumentRecord:
+    async def aadd_document(self, source: str, content: str, metadata: Mapping[str, Any] | None = None) -> DocumentRecord:
         """Remove the source's old chunks one by one, then add the new ones one by one, yielding between.
 
         Raises:
-            TypeError / ValueError: as :meth:`CowVectorStore.add_document`.
+            TypeError / ValueError: as :meth:`CowVectorStore.aadd_document`.
         """
         import faiss
 
@@ -185,7 +187,7 @@ class NaiveVectorStore:
                 await self._pause()
         return DocumentRecord(source, len(pieces), version, tuple(ids), replaced)
 
-    async def remove_document(self, source: str) -> bool:
+    async def aremove_document(self, source: str) -> bool:
         """Remove the source's chunks one by one, yielding between; whether it had any."""
         source = check_source(source)
         self._version += 1

@@ -12,6 +12,8 @@ Invariants:
   on disjoint segments and can run while writers keep publishing: rows tombstoned, or segments dropped,
   after a merge read its base are carried over as tombstones into the merged segment.
 * Compaction never changes the version (the content is the same).
+* Once ``close()`` has run, nothing publishes and no merge starts: ``state`` stays the last snapshot.
+  A merge already running finishes first (``close()`` waits for it).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from langchain_core.embeddings import Embeddings
 from .compaction import plan_cap, plan_tiered
 from .records import CompactionResult
 from .segments import Segment, is_live, kill_rows, live_rows_mask, merge_segments
-from .snapshot import StoreSnapshot
+from .snapshot import ReadRunner, StoreSnapshot
+from .workers import closed_error
 
 if TYPE_CHECKING:
     from ..timeline import Timeline
@@ -53,6 +56,22 @@ class Batch:
     chunks: list[int | None] = field(default_factory=list)
     vectors: np.ndarray | None = None
     index: Any = None  # the faiss index for ``vectors``, built outside the guard
+    by_source: dict[str, tuple[str, ...]] = field(default_factory=dict)  # source -> its chunk ids, in order
+    built: Segment | None = None  # the rows as a segment (version unknown yet), built outside the guard
+
+    def segment(self) -> Segment:
+        """The batch's rows as an unpublished segment (built once; :meth:`Segment.stamped` gives it its version)."""
+        if self.built is None:
+            self.built = Segment(
+                index=self.index,
+                ids=self.ids,
+                texts=self.texts,
+                metadatas=self.metadatas,
+                sources=self.sources,
+                chunks=self.chunks,
+                versions=(0,) * len(self.ids),
+            )
+        return self.built
 
 
 @dataclass(slots=True)
@@ -70,6 +89,16 @@ def _live_in(state: StoreSnapshot, seg: Segment) -> np.ndarray | None:
         if s is seg:
             return live
     return np.zeros((seg.n + 7) // 8, dtype=np.uint8)
+
+
+def _distinct(rows: np.ndarray) -> np.ndarray:
+    """Sorted distinct rows (``np.unique`` imports a module on first use, which would cost the first
+    publish tens of milliseconds under the guard)."""
+    rows = np.sort(rows)
+    keep = np.empty(len(rows), dtype=bool)
+    keep[:1] = True
+    np.not_equal(rows[1:], rows[:-1], out=keep[1:])
+    return rows[keep]
 
 
 class Publisher:
@@ -90,16 +119,19 @@ class Publisher:
         merge_factor: int = 4,
         max_segments: int = 32,
         timeline: Timeline | None = None,
+        reads: ReadRunner | None = None,
     ) -> None:
         self._embedder = embedder
         self._compaction: Compaction = compaction
         self._merge_factor = merge_factor
         self._max_segments = max_segments
         self._timeline = timeline
+        self._reads = reads
         self._guard = threading.Lock()
         self._changed = threading.Condition(self._guard)  # notified when merges finish
         self._busy: set[Segment] = set()  # segments some merge is working on
         self._compactor: threading.Thread | None = None
+        self._closed = False
         self.state: StoreSnapshot = self.new_state(0, None, [], [])
 
     @property
@@ -107,8 +139,16 @@ class Publisher:
         """The automatic compaction mode."""
         return self._compaction
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     def __repr__(self) -> str:
-        return f"<Publisher version={self.state.version} busy={len(self._busy)} compactor={self._compactor is not None}>"
+        return (
+            f"<Publisher version={self.state.version} busy={len(self._busy)} compactor={self._compactor is not None}"
+            f"{' closed' if self._closed else ''}>"
+        )
 
     @contextlib.contextmanager
     def _span(self, phase: str) -> Iterator[None]:
@@ -135,6 +175,7 @@ class Publisher:
             embedder=self._embedder,
             timeline=self._timeline,
             dead=dead,
+            reads=self._reads,
         )
 
     def publish(
@@ -146,8 +187,15 @@ class Publisher:
         clear: bool = False,
     ) -> Published | None:
         """Swap in the next snapshot: ``batch``'s rows appear and the rows of ``kill_sources`` /
-        ``kill_ids`` (or all rows, ``clear``) disappear, in one step. ``None`` when nothing changed."""
+        ``kill_ids`` (or all rows, ``clear``) disappear, in one step. ``None`` when nothing changed.
+
+        Raises:
+            RuntimeError: the publisher is closed.
+            ValueError: the batch's vectors have another dimension than the store's.
+        """
         with self._guard:
+            if self._closed:
+                raise closed_error("a write")
             cur = self.state
             dim = cur.dim
             adding = batch is not None and len(batch.ids) > 0
@@ -159,6 +207,8 @@ class Publisher:
                     )
                 dim = int(batch.vectors.shape[1])
             replaced: Counter[str] = Counter()
+            kill_set = set(kill_sources) if len(kill_sources) > 8 else frozenset(kill_sources)
+            kill_id_set = set(kill_ids) if kill_ids and len(kill_ids) > len(cur.segments) else frozenset()
             segments: list[Segment] = []
             lives: list[np.ndarray | None] = []
             deads: list[int] = []
@@ -168,22 +218,32 @@ class Publisher:
                     changed = True
                     continue
                 doomed: list[np.ndarray] = []
-                for source in kill_sources:
+                # look the smaller side up in the larger: a 4,000-source batch against small segments
+                # (or one source against a big one) costs what the smaller side holds
+                if len(kill_sources) <= len(seg.source_rows):
+                    touched = [s for s in kill_sources if s in seg.source_rows]
+                else:
+                    touched = [s for s in seg.source_rows if s in kill_set]
+                for source in touched:
                     rows = seg.source_rows.get(source)
                     if rows is not None:
                         rows = rows[is_live(live, rows)]
                         if rows.size:
                             doomed.append(rows)
                             replaced[source] += int(rows.size)
-                for doc_id in kill_ids:
-                    row = seg.id_to_row.get(doc_id)
-                    if row is not None:
-                        rows = np.array([row], dtype=np.int64)
-                        if is_live(live, rows)[0]:
+                if kill_ids:
+                    if len(kill_ids) <= seg.n:
+                        found = [r for r in map(seg.id_to_row.get, kill_ids) if r is not None]
+                    else:
+                        found = [r for i, r in seg.id_to_row.items() if i in kill_id_set]
+                    if found:
+                        rows = _distinct(np.array(found, dtype=np.int64))  # delete() may repeat an id
+                        rows = rows[is_live(live, rows)]
+                        if rows.size:
                             doomed.append(rows)
                 if doomed:
                     changed = True
-                    rows = np.unique(np.concatenate(doomed))
+                    rows = doomed[0] if len(doomed) == 1 else _distinct(np.concatenate(doomed))
                     dead += len(rows)
                     if dead == seg.n:
                         continue  # every row dead: drop the whole segment now
@@ -193,18 +253,7 @@ class Publisher:
                 deads.append(dead)
             if adding:
                 assert batch is not None
-                version_rows = [cur.version + 1] * len(batch.ids)
-                segments.append(
-                    Segment(
-                        index=batch.index,
-                        ids=batch.ids,
-                        texts=batch.texts,
-                        metadatas=batch.metadatas,
-                        sources=batch.sources,
-                        chunks=batch.chunks,
-                        versions=version_rows,
-                    )
-                )
+                segments.append(batch.segment().stamped(cur.version + 1))
                 lives.append(None)
                 deads.append(0)
             elif not changed:
@@ -221,7 +270,7 @@ class Publisher:
 
     def _schedule_locked(self) -> tuple[Segment, ...] | None:
         """After a publish: start the background compactor if due; return segments the writer must merge."""
-        if self._compaction == "off":
+        if self._compaction == "off" or self._closed:
             return None
         sizes, dead, busy = self._sizes_locked()
         cap = plan_cap(sizes, dead, busy, max_segments=self._max_segments)
@@ -236,6 +285,8 @@ class Publisher:
         return None
 
     def _plan_locked(self) -> tuple[Segment, ...] | None:
+        if self._closed:
+            return None
         sizes, dead, busy = self._sizes_locked()
         plan = plan_tiered(sizes, dead, busy, factor=self._merge_factor)
         if plan is None:
@@ -263,17 +314,33 @@ class Publisher:
                 return
 
     def run_merges(self, first: tuple[Segment, ...] | None) -> None:
-        """Merge ``first`` (already marked busy), then, in ``"inline"`` mode, whatever else is due."""
+        """Merge ``first`` (already marked busy), then, in ``"inline"`` mode, whatever else is due.
+
+        A failed merge is logged, not raised: the write that owed it was published, and the store stays
+        valid (the segments are merged later).
+        """
         segs = first
         while True:
             if segs is not None:
-                self._merge(segs)
+                try:
+                    self._merge(segs)
+                except Exception:
+                    logger.exception("compaction after a write failed; the store is unchanged")
+                    return
             if self._compaction != "inline":
                 return
             with self._guard:
                 segs = self._plan_locked()
             if segs is None:
                 return
+
+    def release(self, segs: tuple[Segment, ...] | None) -> None:
+        """Unmark segments marked busy for a merge that will never run (its job was dropped)."""
+        if not segs:
+            return
+        with self._guard:
+            self._busy.difference_update(segs)
+            self._changed.notify_all()
 
     def _merge(self, segs: tuple[Segment, ...]) -> CompactionResult:
         """Merge ``segs`` (marked busy by the caller) into one segment and swap it in; unmark them.
@@ -282,12 +349,20 @@ class Publisher:
         after the merge read its base are carried over as tombstones in the merged segment.
         """
         try:
+            if self._closed:  # a closed store keeps its last snapshot
+                return CompactionResult(merged_segments=0, dropped_rows=0, segments=len(self.state.segments))
             with self._span("compact"):
                 base = self.state
                 base_lives = [_live_in(base, s) for s in segs]
                 merged, remaps = merge_segments(segs, base_lives)  # the slow part, outside the guard
+                if merged is not None:  # filters keep their speed: index the fields the inputs had indexed
+                    keys = {key for seg in segs if seg._fields is not None for key in seg._fields.indexed()}
+                    for key in sorted(keys):
+                        merged.fields().column(key)
                 with self._guard:
                     cur = self.state
+                    if self._closed:
+                        return CompactionResult(merged_segments=0, dropped_rows=0, segments=len(cur.segments))
                     merged_live: np.ndarray | None = None
                     if merged is not None:
                         for seg, old_live, remap in zip(segs, base_lives, remaps):
@@ -326,7 +401,11 @@ class Publisher:
         (their new segments are not part of this merge).
         """
         with self._guard:
+            if self._closed:
+                raise closed_error("compact()")
             self._changed.wait_for(lambda: not self._busy)
+            if self._closed:
+                raise closed_error("compact()")
             s = self.state
             if len(s.segments) == 0 or (len(s.segments) == 1 and s._dead[0] == 0):
                 return CompactionResult(merged_segments=0, dropped_rows=0, segments=len(s.segments))
@@ -334,8 +413,16 @@ class Publisher:
             self._busy.update(segs)
         return self._merge(segs)
 
-
     def wait_for_compaction(self, timeout: float | None = None) -> bool:
         """Block until no merge is running or due in the background; ``False`` if ``timeout`` expired."""
         with self._guard:
             return self._changed.wait_for(lambda: self._compactor is None and not self._busy, timeout)
+
+    def close(self) -> None:
+        """Publish nothing more and start no merge; wait for the background compactor to finish the merge
+        it is running (if any) and end. Merges owed by writers are the caller's to drop or finish."""
+        with self._guard:
+            self._closed = True
+            compactor = self._compactor
+        if compactor is not None and compactor is not threading.current_thread():
+            compactor.join()

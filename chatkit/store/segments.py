@@ -7,19 +7,29 @@ Invariants:
 * Rows are addressed by their position in the segment (0..n-1), which is also their faiss id.
 * A live bitmap is a read-only ``uint8`` array, bit ``r`` (little-endian within each byte) set when row
   ``r`` is live; ``None`` means every row is live. Writers copy it (n/8 bytes) and clear bits.
+* Derived structures (the metadata field index used by filters, :meth:`Segment.fields`) are built from
+  the rows on first use and cached on the segment; nothing derived is ever persisted.
 
 faiss is imported inside functions, so importing this module stays light.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from .filters import SegmentFields
+
 __all__ = ["Segment", "build_index", "live_rows_mask", "is_live", "kill_rows", "count_live", "merge_segments"]
+
+# a row-restricted search scores up to this many rows directly (numpy), whatever the segment's size
+DIRECT_ROWS = 1024
+# ... and searches without a selector, over-fetching, when at least this fraction of the rows qualifies
+BROAD_FRACTION = 0.1
 
 
 def build_index(vectors: np.ndarray) -> Any:
@@ -56,6 +66,7 @@ class Segment:
         "versions",
         "id_to_row",
         "source_rows",
+        "_fields",
     )
 
     def __init__(
@@ -89,6 +100,24 @@ class Segment:
             if source is not None:
                 grouped.setdefault(source, []).append(row)
         self.source_rows: dict[str, np.ndarray] = {s: np.array(r, dtype=np.int64) for s, r in grouped.items()}
+        self._fields: SegmentFields | None = None
+
+    def fields(self) -> SegmentFields:
+        """The metadata field index of this segment (built per field on first use, then cached)."""
+        fields = self._fields
+        if fields is None:
+            fields = self._fields = SegmentFields(self)
+        return fields
+
+    def stamped(self, version: int) -> Segment:
+        """A segment with these very rows (shared, not copied), all published at ``version``: what a
+        write builds off the publish path before its version is known."""
+        seg = object.__new__(Segment)
+        for name in Segment.__slots__:
+            setattr(seg, name, getattr(self, name))
+        seg.versions = (version,) * self.n
+        seg._fields = None
+        return seg
 
     @property
     def n(self) -> int:
@@ -125,6 +154,40 @@ class Segment:
             scores, rows = self.index.search(query, k, params=faiss.SearchParameters(sel=selector))
         found = rows[0] >= 0
         return scores[0][found], rows[0][found]
+
+    def search_rows(self, query: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best rows among those set in the bool array ``mask`` (length ``n``): (scores, rows).
+
+        Only qualifying rows are scored when few qualify (numpy, or a faiss ``IDSelectorBitmap``); when
+        many do (at least ``BROAD_FRACTION``), a plain search over-fetches and drops the others, falling
+        back to the selector if that left fewer than ``k``. Ties are broken by row number, like faiss.
+        """
+        import faiss
+
+        rows = np.flatnonzero(mask)
+        count = len(rows)
+        if count == 0:
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+        k = min(k, count)
+        if count <= DIRECT_ROWS:
+            scores = self.vectors(rows) @ query[0]
+            if k < count:
+                best = np.argpartition(-scores, k - 1)[:k]
+                scores, rows = scores[best], rows[best]
+            order = np.lexsort((rows, -scores))
+            return scores[order], rows[order]
+        if count >= BROAD_FRACTION * self.n:
+            fetch = min(self.n, 2 * int(math.ceil(k * self.n / count)) + 16)
+            scores, found = self.index.search(query, fetch)
+            keep = found[0] >= 0
+            keep[keep] = mask[found[0][keep]]
+            if keep.sum() >= k or fetch >= self.n:
+                return scores[0][keep][:k], found[0][keep][:k]
+        bitmap = np.packbits(mask, bitorder="little")
+        selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(bitmap))
+        scores, found = self.index.search(query, k, params=faiss.SearchParameters(sel=selector))
+        ok = found[0] >= 0
+        return scores[0][ok], found[0][ok]
 
 
 def live_rows_mask(live: np.ndarray | None, n: int) -> np.ndarray:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import copy
 import heapq
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,32 +19,26 @@ from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 
 from .._labels import caller_label
+from .filters import FieldFilter, Filter, compile_filter
 from .records import CHUNK_KEY, SOURCE_KEY, VERSION_KEY, StoreStatistics
-from .segments import Segment, count_live, is_live
+from .segments import Segment, count_live, is_live, live_rows_mask
 from .validate import as_query_vector, check_k, check_lambda, check_positive_int
 
 if TYPE_CHECKING:
     from ..timeline import Timeline
 
-__all__ = ["StoreSnapshot", "relevance"]
+__all__ = ["StoreSnapshot", "relevance", "Filter", "ReadRunner"]
 
-Filter = Mapping[str, Any] | Callable[[dict[str, Any]], bool] | None
+# runs a search function in a worker thread and returns its result: the store's read pool
+ReadRunner = Callable[..., Awaitable[Any]]
+
+# metadata values that need no deep copy before they are handed to the caller
+_IMMUTABLE = (str, int, float, bool, type(None))
 
 
 def relevance(score: float) -> float:
     """Map a cosine similarity in [-1, 1] to a relevance in [0, 1] (negative similarity -> 0)."""
     return min(1.0, max(0.0, float(score)))
-
-
-def _match(filter: Filter) -> Callable[[dict[str, Any]], bool] | None:
-    if filter is None:
-        return None
-    if callable(filter):
-        return filter
-    if isinstance(filter, Mapping):
-        wanted = dict(filter)
-        return lambda md: all(md.get(k) == v for k, v in wanted.items())
-    raise TypeError(f"filter must be a dict of metadata values, a callable, or None; got {type(filter).__name__}")
 
 
 def _check_mmr(k: object, fetch_k: object, lambda_mult: object) -> tuple[int, int, float]:
@@ -55,7 +49,8 @@ class StoreSnapshot:
     """A pinned, read-only version of a :class:`~chatkit.CowVectorStore`.
 
     It keeps answering from the same version whatever is published later (it holds the segments of
-    that version; they are never mutated). Searches take no lock.
+    that version; they are never mutated). Searches take no lock; the async forms run on the store's
+    read pool.
 
     Scores: ``similarity_search_with_score`` gives the cosine similarity (higher is closer);
     ``similarity_search_with_relevance_scores`` clamps it to [0, 1].
@@ -64,19 +59,18 @@ class StoreSnapshot:
         TypeError/ValueError: from the search methods, for a bad ``k``, filter or vector.
 
     Example:
-        >>> import asyncio
         >>> from chatkit import CowVectorStore, HashEmbeddings
         >>> store = CowVectorStore(HashEmbeddings(dim=64), compaction="off")
-        >>> _ = asyncio.run(store.add_document("pets.md", "Cats purr."))
+        >>> _ = store.add_document("pets.md", "Cats purr.")
         >>> snap = store.snapshot()
-        >>> _ = asyncio.run(store.add_document("pets.md", "Dogs bark."))
+        >>> _ = store.add_document("pets.md", "Dogs bark.")
         >>> snap.version, store.version
         (1, 2)
         >>> snap.similarity_search("cats", k=1)[0].page_content
         'Cats purr.'
     """
 
-    __slots__ = ("_version", "_dim", "_segments", "_lives", "_dead", "_embedder", "_timeline")
+    __slots__ = ("_version", "_dim", "_segments", "_lives", "_dead", "_embedder", "_timeline", "_reads")
 
     def __init__(
         self,
@@ -88,6 +82,7 @@ class StoreSnapshot:
         embedder: Callable[[], Embeddings],
         timeline: Timeline | None = None,
         dead: Sequence[int] | None = None,
+        reads: ReadRunner | None = None,
     ) -> None:
         self._version = version
         self._dim = dim
@@ -98,6 +93,7 @@ class StoreSnapshot:
         self._dead: tuple[int, ...] = tuple(dead)
         self._embedder = embedder
         self._timeline = timeline
+        self._reads = reads  # None: asyncio.to_thread
 
     # ------------------------------------------------------------------ shape
 
@@ -154,14 +150,23 @@ class StoreSnapshot:
 
     # ------------------------------------------------------------------ rows -> documents
 
-    def _document(self, seg: Segment, row: int) -> Document:
-        metadata = copy.deepcopy(seg.metadatas[row])
+    @staticmethod
+    def _metadata(seg: Segment, row: int) -> dict[str, Any]:
+        """A copy of a row's document metadata (stamped keys included) the caller may change freely."""
+        stored = seg.metadatas[row]
+        if all(isinstance(v, _IMMUTABLE) for v in stored.values()):
+            metadata = dict(stored)
+        else:
+            metadata = copy.deepcopy(stored)
         source = seg.sources[row]
         if source is not None:
             metadata[SOURCE_KEY] = source
             metadata[CHUNK_KEY] = seg.chunks[row]
             metadata[VERSION_KEY] = seg.versions[row]
-        return Document(id=seg.ids[row], page_content=seg.texts[row], metadata=metadata)
+        return metadata
+
+    def _document(self, seg: Segment, row: int) -> Document:
+        return Document(id=seg.ids[row], page_content=seg.texts[row], metadata=self._metadata(seg, row))
 
     def _locate(self, doc_id: str) -> tuple[Segment, int] | None:
         for seg, live in zip(self._segments, self._lives):
@@ -214,33 +219,45 @@ class StoreSnapshot:
             raise TypeError(f"query must be a str, got {type(query).__name__}")
         return as_query_vector(self._embedder().embed_query(query), self._dim)
 
-    def _top(self, q: np.ndarray, k: int, match: Callable[[dict[str, Any]], bool] | None) -> list[tuple[float, int, int]]:
-        """The ``k`` best live rows as (score, segment index, row), best first."""
+    def _top(self, q: np.ndarray, k: int, flt: FieldFilter | Callable[[dict[str, Any]], bool] | None) -> list[tuple[float, int, int]]:
+        """The ``k`` best live rows (passing ``flt``) as (score, segment index, row), best first."""
         total = len(self)
         if total == 0:
             return []
-        want = k if match is None else min(total, max(4 * k, 32))
-        while True:
+        order = lambda h: (-h[0], h[1], h[2])  # noqa: E731 - best score, then segment, then row
+        if isinstance(flt, FieldFilter):  # before the scan: only rows that pass are scored
             hits: list[tuple[float, int, int]] = []
+            for i, (seg, live) in enumerate(zip(self._segments, self._lives)):
+                mask = flt.mask(seg.fields())
+                if live is not None:
+                    mask &= live_rows_mask(live, seg.n)
+                scores, rows = seg.search_rows(q, k, mask)
+                hits.extend((float(s), i, int(r)) for s, r in zip(scores, rows))
+            return heapq.nsmallest(k, hits, key=order)
+        # no filter, or a callable one (opaque: it can only be applied to candidates, so fetch more until
+        # k of them pass or every row was seen)
+        want = k if flt is None else min(total, max(4 * k, 32))
+        while True:
+            hits = []
             for i, (seg, live, dead) in enumerate(zip(self._segments, self._lives, self._dead)):
                 kk = min(want, seg.n - dead)
                 if kk <= 0:
                     continue
                 scores, rows = seg.search(q, kk, live)
                 hits.extend((float(s), i, int(r)) for s, r in zip(scores, rows))
-            best = heapq.nsmallest(want, hits, key=lambda h: (-h[0], h[1], h[2]))
-            if match is None:
+            best = heapq.nsmallest(want, hits, key=order)
+            if flt is None:
                 return best
-            kept = [h for h in best if match(self._document(self._segments[h[1]], h[2]).metadata)]
+            kept = [h for h in best if flt(self._metadata(self._segments[h[1]], h[2]))]
             if len(kept) >= k or want >= total:
                 return kept[:k]
             want = min(total, want * 4)
 
     def _with_scores(self, q: np.ndarray, k: int, filter: Filter) -> list[tuple[Document, float]]:
-        return [(self._document(self._segments[i], r), s) for s, i, r in self._top(q, k, _match(filter))]
+        return [(self._document(self._segments[i], r), s) for s, i, r in self._top(q, k, compile_filter(filter))]
 
     def _mmr(self, q: np.ndarray, k: int, fetch_k: int, lambda_mult: float, filter: Filter) -> list[Document]:
-        hits = self._top(q, max(k, fetch_k), _match(filter))
+        hits = self._top(q, max(k, fetch_k), compile_filter(filter))
         if not hits:
             return []
         vecs = np.stack([self._segments[i].vectors(np.array([r]))[0] for _, i, r in hits])
@@ -271,8 +288,16 @@ class StoreSnapshot:
         Args:
             query: the text to look up.
             k: how many results (at most; fewer when the store holds fewer).
-            filter: keep only documents whose metadata has these values, or for which this callable
-                (given the metadata) returns true.
+            filter: keep only documents whose metadata passes it: a dict in LangChain's style,
+                ``{"source": "a.md"}``, ``{"year": {"$gte": 2020}}``, ``{"$or": [...]}`` (operators
+                ``$eq $ne $in $nin $gt $gte $lt $lte $and $or``; see :mod:`chatkit.store.filters`),
+                applied before the scan, so a selective filter is cheap; or a callable given a copy of
+                the metadata (applied to candidates, fetching more until ``k`` pass).
+
+        Raises:
+            TypeError: a non-str query, a bad ``k``, a filter that is neither dict, callable nor None,
+                or an operand of the wrong type.
+            ValueError: ``k < 1``, or an unknown filter operator.
         """
         return [d for d, _ in self.similarity_search_with_score(query, k, filter=filter, **kwargs)]
 
@@ -336,7 +361,9 @@ class StoreSnapshot:
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("who", caller_label())
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        if self._reads is None:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        return await self._reads(fn, *args, **kwargs)
 
     async def asimilarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:
         """:meth:`similarity_search` in a worker thread (the query embedding stays off the event loop)."""

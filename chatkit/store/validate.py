@@ -15,6 +15,9 @@ __all__ = [
     "check_source",
     "check_content",
     "check_metadata",
+    "check_storable",
+    "check_text",
+    "MAX_METADATA_DEPTH",
     "check_k",
     "check_lambda",
     "check_positive_int",
@@ -22,34 +25,88 @@ __all__ = [
     "as_matrix",
 ]
 
+# metadata nested deeper than this is refused when added (a saved store must load back)
+MAX_METADATA_DEPTH = 32
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` unchanged, if it can be saved as UTF-8 (no lone surrogate such as ``'\\ud800'``).
+
+    Raises:
+        ValueError: a lone surrogate, named with its position.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end]
+        raise ValueError(
+            f"{what} holds a lone surrogate {bad!r} at position {exc.start}: it cannot be saved as UTF-8 "
+            "(decode the original bytes with errors='replace', or remove it)"
+        ) from None
+    return text
+
+
+def check_storable(metadata: Mapping[str, Any], owner: str) -> None:
+    """Refuse metadata that a save/load round trip would change or that would make every save fail:
+    non-str keys (JSON turns them into str), tuples (they come back as lists), lone surrogates (not
+    UTF-8), and nesting deeper than :data:`MAX_METADATA_DEPTH`. Other values are the save's concern.
+
+    Raises:
+        TypeError: a non-str key or a tuple, named with its path (``metadata['a'][0]``).
+        ValueError: a lone surrogate, or too deep.
+    """
+    stack: list[tuple[Any, str, int]] = [(metadata, "metadata", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            check_text(value, f"{path} of {owner}")
+        elif isinstance(value, Mapping):
+            if depth >= MAX_METADATA_DEPTH:
+                raise ValueError(f"{path} of {owner} is nested more than {MAX_METADATA_DEPTH} levels deep")
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise TypeError(
+                        f"metadata keys must be str: {path} of {owner} has the {type(key).__name__} key {key!r:.60}"
+                        " (a save would turn it into a str)"
+                    )
+                check_text(key, f"the key {key!r:.60} in {path} of {owner}")
+                stack.append((item, f"{path}[{key!r:.60}]", depth + 1))
+        elif isinstance(value, tuple):
+            raise TypeError(f"{path} of {owner} is a tuple {value!r:.60}: use a list (a save would turn it into one)")
+        elif isinstance(value, list):
+            if depth >= MAX_METADATA_DEPTH:
+                raise ValueError(f"{path} of {owner} is nested more than {MAX_METADATA_DEPTH} levels deep")
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+
 
 def check_source(source: object) -> str:
-    """A document name: a non-empty str."""
+    """A document name: a non-empty str that can be saved."""
     if not isinstance(source, str):
         raise TypeError(f"source must be a str, got {type(source).__name__} {source!r:.80}")
     if not source.strip():
         raise ValueError(f"source must be a non-empty name, got {source!r}")
-    return source
+    return check_text(source, f"the source name {source!r:.80}")
 
 
 def check_content(content: object, source: str) -> str:
-    """A document's text: a str with something besides whitespace."""
+    """A document's text: a str with something besides whitespace, that can be saved."""
     if not isinstance(content, str):
         raise TypeError(f"content of {source!r} must be a str, got {type(content).__name__}")
     if not content.strip():
         raise ValueError(f"content of {source!r} is empty or whitespace only; use remove_document to delete it")
-    return content
+    return check_text(content, f"the content of {source!r}")
 
 
 def check_metadata(metadata: object, source: str) -> dict[str, Any]:
-    """User metadata for ``add_document``: a mapping with str keys, not overriding the stamped keys."""
+    """User metadata for ``add_document``: a mapping with str keys, not overriding the stamped keys, that
+    a save/load round trip keeps as it is (:func:`check_storable`); returned as a deep copy."""
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
         raise TypeError(f"metadata of {source!r} must be a dict or None, got {type(metadata).__name__}")
-    for key in metadata:
-        if not isinstance(key, str):
-            raise TypeError(f"metadata keys must be str, got {key!r} in the metadata of {source!r}")
+    check_storable(metadata, repr(source))
     for key in (CHUNK_KEY, VERSION_KEY):
         if key in metadata:
             raise ValueError(f"metadata key {key!r} is set by the store; remove it from the metadata of {source!r}")
