@@ -1,6 +1,6 @@
-"""The small lock protocol that :class:`~chatkit.SessionManager` and the store depend on.
+"""The small lock protocol that :class:`~chatkit.SessionManager` depends on (its ``lock=``).
 
-Any lock of this shape works with them: the in-process :class:`~chatkit.KeyedLock` and the cross-process
+Any lock of this shape works with it: the in-process :class:`~chatkit.KeyedLock` and the cross-process
 ``RedisKeyedLock`` both implement it. The protocol is structural (``typing.Protocol``): nothing needs to
 inherit from it.
 
