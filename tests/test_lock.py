@@ -633,6 +633,33 @@ async def test_statistics_repr_and_is_busy(loop_clock: FakeClock) -> None:
         total.acquisitions = 0  # type: ignore[misc]
 
 
+async def test_hold_times_are_measured_once_statistics_are_asked_for(loop_clock: FakeClock) -> None:
+    """Until someone asks for statistics the uncontended path reads no clock; from the first statistics()
+    call on, every hold counts in total_hold. A hold someone waited for counts from that moment on."""
+    lock = KeyedLock(clock=loop_clock)
+    async with lock("k"):
+        loop_clock.advance(5)  # not measured: nobody has asked yet
+    assert lock.statistics().total_hold == 0.0  # (this call turns measuring on)
+    async with lock("k"):
+        loop_clock.advance(2)
+    assert lock.statistics().total_hold == pytest.approx(2.0)
+    async with lock("k"):
+        loop_clock.advance(1)
+        w = asyncio.create_task(lock.run("k", lambda: None))
+        await settle()
+        loop_clock.advance(3)
+    await w
+    assert lock.statistics().total_hold == pytest.approx(2.0 + 4.0)
+    fresh = KeyedLock(clock=loop_clock)
+    async with fresh("k"):
+        loop_clock.advance(1)  # not measured ...
+        w = asyncio.create_task(fresh.run("k", lambda: None))
+        await settle()
+        loop_clock.advance(3)  # ... but this is: someone waited
+    await w
+    assert fresh.statistics().total_hold == pytest.approx(3.0)
+
+
 async def test_observer_receives_every_event_in_order(loop_clock: FakeClock) -> None:
     events: list[LockEvent] = []
     lock = KeyedLock(clock=loop_clock, observer=events.append, max_pending=1)

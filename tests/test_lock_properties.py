@@ -136,3 +136,175 @@ def test_random_schedules_keep_exclusion_fifo_and_leave_nothing(ops: list[tuple]
     assert len(world.lock) == 0
     released = sum(1 for r in world.reqs if r.status == "released")
     assert released <= world.lock.statistics().acquisitions <= len(world.reqs)
+
+
+# ----------------------------------------------------------------------------- one-iteration interleavings
+# The schedules above act between loop iterations. Here every cancellation and release is a loop callback
+# at a drawn fake-clock time, so it can land in the same iteration as a waiter's timeout timer, before or
+# after it, and before the waiting task resumes. Keys may start held by a plain thread, whose release (from
+# such a callback) grants the next waiter under the guard in that thread and wakes it with
+# call_soon_threadsafe. Everything is replayed exactly: the clock is fake and a thread's release is joined.
+
+from tests.test_lock_races import ThreadHolder  # noqa: E402
+
+waiter_spec = st.tuples(
+    st.lists(st.sampled_from(("a", "b")), min_size=1, max_size=2, unique=True),
+    st.sampled_from([None, 1.0, 2.0, 3.0]),
+)
+# A time just before, at, or just after a whole or half second: the timeouts above are due at whole seconds.
+action_time = st.tuples(st.sampled_from([0.5, 1.0, 1.5, 2.0, 2.5, 3.0]), st.sampled_from([-0.05, 0.0, 0.05])).map(sum)
+action = st.tuples(action_time, st.sampled_from(["cancel", "release"]), st.integers(0, 7))
+interleavings = st.fixed_dictionaries(
+    {
+        "initial": st.fixed_dictionaries({"a": st.sampled_from(["free", "task", "thread"]), "b": st.sampled_from(["free", "task", "thread"])}),
+        "waiters": st.lists(waiter_spec, min_size=1, max_size=6),
+        "actions": st.lists(action, max_size=10),
+        "jumps": st.lists(st.sampled_from([0.5, 1.0, 10.0]), min_size=1, max_size=4),
+        "observed": st.booleans(),
+    }
+)
+
+
+@dataclass
+class Holder:
+    index: int
+    keys: tuple[str, ...]
+    label: str
+    status: str = "waiting"  # waiting -> holding -> released | timed out | cancelled
+    task: asyncio.Task[None] | None = None
+    request: object = None
+    thread: ThreadHolder | None = None
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Interleaving:
+    def __init__(self, clock: FakeClock, observed: bool) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.lock = KeyedLock(clock=clock, observer=(lambda e: self.events.append((e.label, e.kind))) if observed else None)
+        self.holders: list[Holder] = []
+        self.owner: dict[str, int | None] = {"a": None, "b": None}
+        self.acquired_order: dict[str, list[int]] = {"a": [], "b": []}
+        self.violations: list[str] = []
+
+    def took(self, h: Holder) -> None:
+        for k in h.keys:
+            if self.owner[k] is not None:
+                self.violations.append(f"{k} held by {self.owner[k]} and {h.index}")
+            self.owner[k] = h.index
+            self.acquired_order[k].append(h.index)
+        h.status = "holding"
+
+    def gave_back(self, h: Holder) -> None:
+        for k in h.keys:
+            self.owner[k] = None
+        h.status = "released"
+
+    async def body(self, h: Holder, timeout: float | None) -> None:
+        request = self.lock(*h.keys, timeout=timeout, label=h.label)
+        h.request = request
+        try:
+            await request.__aenter__()
+        except LockTimeout:
+            h.status = "timed out"
+            return
+        except asyncio.CancelledError:
+            h.status = "cancelled"
+            raise
+        self.took(h)
+        try:
+            await h.released.wait()  # the release itself happens in a loop callback (see release())
+        except asyncio.CancelledError:
+            if h.status == "holding":
+                self.gave_back(h)
+                await request.__aexit__(asyncio.CancelledError, None, None)  # type: ignore[attr-defined]
+            raise
+
+    def release(self, i: int) -> None:
+        """A loop callback: release holder ``i`` right here, in this iteration, if it holds its keys."""
+        h = self.holders[i % len(self.holders)]
+        if h.status != "holding":
+            return
+        self.gave_back(h)
+        if h.thread is not None:
+            h.thread.release()  # in the holder thread, joined: the next waiter is granted there
+        else:
+            h.request.__aexit__(None, None, None)  # type: ignore[attr-defined]  # releases at once
+            h.released.set()
+
+    def cancel(self, i: int) -> None:
+        h = self.holders[i % len(self.holders)]
+        if h.task is not None:
+            h.task.cancel()
+
+    def check_quiescent(self) -> None:
+        for k, order in self.acquired_order.items():
+            if order != sorted(order):
+                self.violations.append(f"{k} granted out of order: {order}")
+        waiting = [h for h in self.holders if h.status == "waiting" and h.task is not None and not h.task.done()]
+        for h in waiting:
+            free = all(self.owner[k] is None for k in h.keys)
+            first = all(next(w for w in waiting if k in w.keys) is h for k in h.keys)
+            if free and first:
+                self.violations.append(f"request {h.index} for {h.keys} could run but waits")
+
+
+async def run_interleaving(spec: dict) -> Interleaving:
+    clock = FakeClock()
+    loop = asyncio.get_running_loop()
+    loop.time = clock.time  # type: ignore[method-assign]
+    world = Interleaving(clock, spec["observed"])
+    for k in ("a", "b"):  # initial holders, in a fixed order: they arrive first
+        kind = spec["initial"][k]
+        if kind == "free":
+            continue
+        h = Holder(len(world.holders), (k,), f"initial-{k}")
+        world.holders.append(h)
+        if kind == "thread":
+            h.thread = ThreadHolder(world.lock, k, label=h.label)
+            world.took(h)
+        else:
+            h.task = asyncio.create_task(world.body(h, None))
+            await settle()
+    for keys, timeout in spec["waiters"]:
+        h = Holder(len(world.holders), tuple(keys), f"w{len(world.holders)}")
+        world.holders.append(h)
+        h.task = asyncio.create_task(world.body(h, timeout))
+        await settle()  # arrival order is creation order
+    start = loop.time()
+    for at, kind, target in spec["actions"]:
+        loop.call_at(start + at, world.cancel if kind == "cancel" else world.release, target)
+    for jump in spec["jumps"]:
+        clock.advance(jump)
+        await settle(30)
+        world.check_quiescent()
+    for _ in range(len(world.holders) + 1):  # finish: release every holder, let every timeout expire
+        for i in range(len(world.holders)):
+            world.release(i)
+        clock.advance(10)
+        await settle(30)
+        world.check_quiescent()
+    results = await asyncio.gather(*(h.task for h in world.holders if h.task), return_exceptions=True)
+    for h, result in zip([h for h in world.holders if h.task], results):
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            world.violations.append(f"request {h.index} ended with {result!r}")
+    return world
+
+
+@settings(max_examples=200, deadline=None)
+@given(interleavings)
+def test_timeouts_cancellations_and_handoffs_in_one_iteration(spec: dict) -> None:
+    world = asyncio.run(run_interleaving(spec))
+    assert world.violations == []
+    assert all(h.status in ("released", "timed out", "cancelled") for h in world.holders)
+    assert len(world.lock) == 0
+    stats = world.lock.statistics()
+    assert stats.keys == stats.held == stats.waiters == 0
+    waiters = sum(1 for h in world.holders if h.task is not None)
+    threads = len(world.holders) - waiters
+    assert stats.acquisitions + stats.timeouts + stats.cancellations == waiters + threads
+    if spec["observed"]:
+        for h in world.holders:
+            if h.thread is not None:
+                continue
+            kinds = [kind for label, kind in world.events if label == h.label]
+            assert kinds[0] == "requested" and kinds[1:] in (["acquired", "released"], ["timed_out"], ["cancelled"]), (h, kinds)

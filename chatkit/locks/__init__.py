@@ -2,7 +2,7 @@
 
 :class:`KeyedLock` is the in-process lock (asyncio tasks on any number of loops, and threads);
 ``RedisKeyedLock`` is the same interface across processes and hosts, on Redis (it needs
-``chatkit[distributed]``). The :class:`AsyncKeyLock` protocol is what :class:`~chatkit.SessionManager` and the store depend on.
+``chatkit[distributed]``). The :class:`AsyncKeyLock` protocol is what :class:`~chatkit.SessionManager` depends on.
 """
 
 from __future__ import annotations
