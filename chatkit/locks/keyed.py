@@ -963,6 +963,25 @@ class _Request:
             return _ready()
         return self._acquire()
 
+    def _enter_once(self, loop: asyncio.AbstractEventLoop | None) -> bool | None:
+        """One attempt to enter through the general path: True (granted), False (queued: a future on
+        ``loop`` to wait for, or a ``threading.Event`` when ``loop`` is None) or None (try again)."""
+        lock = self.lock
+        events: list[LockEvent] | None = [] if lock._observers else None
+        try:
+            with lock._guard:
+                done = self._enter_locked(lock._clock(), events)
+                if done is False:
+                    if loop is None:
+                        self.event = threading.Event()
+                    else:
+                        self.loop = loop
+                        self.future = loop.create_future()
+        finally:
+            if events:  # observers run outside the guard
+                lock._emit(events)
+        return done
+
     async def _acquire(self) -> None:
         self._check_unused()
         self.contended = True  # the general path: it releases through the general path too
@@ -970,16 +989,7 @@ class _Request:
         loop = asyncio.get_running_loop()
         tries = 0
         while True:
-            events: list[LockEvent] | None = [] if lock._observers else None
-            try:
-                with lock._guard:
-                    done = self._enter_locked(lock._clock(), events)
-                    if done is False:
-                        self.loop = loop
-                        self.future = loop.create_future()
-            finally:
-                if events:  # observers run outside the guard
-                    lock._emit(events)
+            done = self._enter_once(loop)
             if done is not None:
                 break
             # A holder in another thread is releasing one of the keys right now: let it finish.
@@ -1141,15 +1151,7 @@ class _Request:
         lock = self.lock
         tries = 0
         while True:
-            events: list[LockEvent] | None = [] if lock._observers else None
-            try:
-                with lock._guard:
-                    done = self._enter_locked(lock._clock(), events)
-                    if done is False:
-                        self.event = threading.Event()
-            finally:
-                if events:
-                    lock._emit(events)
+            done = self._enter_once(None)
             if done is not None:
                 break
             tries += 1  # a holder in another thread is releasing one of the keys right now: let it finish
