@@ -4,6 +4,7 @@ and vector store."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -139,13 +140,20 @@ def conversation(*texts: str) -> list[tuple[str, str]]:
     return out
 
 
-async def until(condition: Callable[[], bool], rounds: int = 500) -> None:
-    """Yield to the event loop until ``condition()`` holds (no wall-clock waiting); fail if it never does."""
-    for _ in range(rounds):
-        if condition():
-            return
+async def until(condition: Callable[[], bool], *, give_up_after: float = 60.0) -> None:
+    """Yield to the event loop until ``condition()`` holds; fail if it never does.
+
+    This waits for an event, not for time: it returns the moment the condition holds, usually after a few
+    rounds. A fixed number of rounds is not enough, though: some steps run in worker threads (LangGraph
+    runs sync callbacks in an executor), and on a loaded machine they may take any number of rounds. So the
+    bound is real time (``time.monotonic``, never the fake loop clock a test may patch in), only there to
+    fail a stuck test instead of hanging it.
+    """
+    deadline = time.monotonic() + give_up_after
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the condition never became true (gave up after {give_up_after:g} s)")
         await asyncio.sleep(0)
-    raise AssertionError("the condition never became true")
 
 
 class StallingModel(BaseChatModel):
