@@ -110,22 +110,73 @@ def similarity_matrix(embeddings: Embeddings, texts: Sequence[str]) -> np.ndarra
     return unit @ unit.T
 
 
-def plot_similarity(matrix: np.ndarray, labels: Sequence[str], *, title: str | None = None) -> Figure:
+def plot_similarity(
+    matrix: np.ndarray,
+    labels: Sequence[str],
+    *,
+    title: str | None = None,
+    groups: Sequence[tuple[str, int]] | None = None,
+    mask_diagonal: bool = False,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> Figure:
     """A heatmap of a similarity matrix, labelled on both axes.
 
+    Args:
+        matrix: square, rows and columns in the order of ``labels``.
+        labels: one per row.
+        title: shown above the heatmap.
+        groups: ``(name, size)`` of consecutive blocks of rows (e.g. topics, in the order the rows are):
+            each block is outlined and named at the side.
+        mask_diagonal: leave the diagonal blank (a text is always identical to itself: 1.0 would set the
+            colour scale), and scale the colours to the other cells.
+        vmin, vmax: the colour scale's ends (default: the cells shown).
+
     Raises:
-        ValueError: the matrix is not square or does not match the labels.
+        ValueError: the matrix is not square or does not match the labels, or the groups do not add up to
+            the number of labels.
+
+    Example:
+        >>> import numpy as np
+        >>> m = np.array([[1.0, 0.8, 0.1], [0.8, 1.0, 0.2], [0.1, 0.2, 1.0]])
+        >>> fig = plot_similarity(m, ["a", "b", "c"], groups=[("ab", 2), ("c", 1)], mask_diagonal=True)
+        >>> fig.axes[1].get_ylim()  # the colour bar spans the off-diagonal cells
+        (np.float64(0.1), np.float64(0.8))
     """
+    import numpy as np
+
+    from ._optional import optional_import
+
+    Rectangle = optional_import("matplotlib.patches", extra="viz", feature="plot_similarity()").Rectangle
+
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] != len(labels):
         raise ValueError(f"need a square matrix matching {len(labels)} labels, got shape {matrix.shape}")
+    if groups is not None and sum(size for _, size in groups) != len(labels):
+        raise ValueError(f"groups cover {sum(size for _, size in groups)} rows, the matrix has {len(labels)}")
     n = len(labels)
+    shown = np.array(matrix, dtype=float)
+    if mask_diagonal:
+        np.fill_diagonal(shown, np.nan)
+    cells = shown[~np.isnan(shown)] if mask_diagonal else shown.ravel()
+    low = float(cells.min()) if vmin is None and cells.size else (0.0 if vmin is None else vmin)
+    high = float(cells.max()) if vmax is None and cells.size else (1.0 if vmax is None else vmax)
+    if not mask_diagonal and vmin is None:
+        low = min(0.0, low)
     size = max(4.0, 0.32 * n + 2.5)
-    fig = new_figure(figsize=(size + 1.2, size), feature="plot_similarity()")
+    fig = new_figure(figsize=(size + (2.4 if groups else 1.2), size), feature="plot_similarity()")
     ax = fig.add_subplot()
-    image = ax.imshow(matrix, cmap="viridis", vmin=min(0.0, float(matrix.min())), vmax=1.0)
+    image = ax.imshow(shown, cmap="viridis", vmin=low, vmax=high)
     ax.set_xticks(range(n), labels=labels, rotation=90, fontsize=7)
     ax.set_yticks(range(n), labels=labels, fontsize=7)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="cosine similarity")
+    if groups:
+        start = 0
+        for name, count in groups:
+            ax.add_patch(Rectangle((start - 0.5, start - 0.5), count, count, fill=False, edgecolor="white", linewidth=1.6))
+            ax.annotate(name, (n - 0.5, start - 0.5 + count / 2), xytext=(6, 0), textcoords="offset points",
+                        va="center", ha="left", fontsize=8, annotation_clip=False)
+            start += count
+    fig.colorbar(image, ax=ax, shrink=0.8, label="cosine similarity" + (" (diagonal left out)" if mask_diagonal else ""),
+                 pad=0.14 if groups else 0.05)
     if title:
         ax.set_title(title, fontsize=10)
     return fig

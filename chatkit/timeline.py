@@ -1,13 +1,20 @@
 """Record what concurrent requests did, and when: spans and instant events on one monotonic clock.
 
-A :class:`Timeline` is fed by :class:`~chatkit.KeyedLock`'s observer hook and by the optional
-``timeline=`` instrumentation of :class:`~chatkit.SessionManager` and :class:`~chatkit.CowVectorStore`.
+A :class:`Timeline` is fed by :class:`~chatkit.KeyedLock`'s observer hook, by the optional
+``timeline=`` instrumentation of :class:`~chatkit.SessionManager` and :class:`~chatkit.CowVectorStore`,
+and by your own code: ``timeline.mark("read", detail="saw 2 messages")``, ``with timeline.span("model"):``.
+
+Each row belongs to a *lane* (its ``who``): by default the current asyncio task's name, or the name given
+to :func:`lane` for everything recorded in its context, child tasks included (LangGraph runs each node
+in a task of its own: ``with lane("request 1"): await graph.ainvoke(...)`` keeps the nodes' rows in the
+request's lane).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
@@ -22,7 +29,47 @@ if TYPE_CHECKING:
 
     from .locks import LockEvent
 
-__all__ = ["Timeline", "TimelineRow", "plot_timelines"]
+__all__ = ["Timeline", "TimelineRow", "lane", "plot_timelines"]
+
+_LANE: contextvars.ContextVar[str | None] = contextvars.ContextVar("chatkit_timeline_lane", default=None)
+
+
+@contextlib.contextmanager
+def lane(who: str) -> Iterator[None]:
+    """Record everything in this context (and in tasks started from it) in the lane ``who``.
+
+    Spans and marks given an explicit ``who=`` keep it; the others, recorded by any :class:`Timeline`
+    while the context is active, go to this lane instead of the current task's name.
+
+    Raises:
+        TypeError: ``who`` is not a non-empty string.
+
+    Example:
+        >>> import asyncio
+        >>> tl = Timeline()
+        >>> async def node():  # e.g. a LangGraph node, which runs in a task of its own
+        ...     tl.mark("read", detail="saw 0 messages")
+        >>> async def request():
+        ...     with lane("request 1"):
+        ...         await asyncio.create_task(node())
+        >>> asyncio.run(request())
+        >>> [(r.who, r.phase) for r in tl.rows()]
+        [('request 1', 'read')]
+    """
+    if not isinstance(who, str) or not who:
+        raise TypeError(f"lane() needs a non-empty string, got {who!r}")
+    token = _LANE.set(who)
+    try:
+        yield
+    finally:
+        _LANE.reset(token)
+
+
+def _who(who: str | None) -> str:
+    if who is not None:
+        return who
+    current = _LANE.get()
+    return current if current is not None else caller_label()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +126,7 @@ class Timeline:
         self._guard = threading.Lock()
         # lock observer bookkeeping: (label, keys) -> time the wait or hold began
         self._open: dict[tuple[str, tuple[Hashable, ...], str], float] = {}
+        self._styles: dict[str, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         return f"<Timeline rows={len(self._rows)}>"
@@ -111,8 +159,11 @@ class Timeline:
         key: Hashable | None = None,
         detail: str | None = None,
     ) -> Iterator[None]:
-        """Record the enclosed block as a span; its outcome is ``ok``, ``error`` or ``cancelled``."""
-        who = caller_label() if who is None else who
+        """Record the enclosed block as a span; its outcome is ``ok``, ``error`` or ``cancelled``.
+
+        ``who`` defaults to the current :func:`lane`, else the current task's (or thread's) name.
+        """
+        who = _who(who)
         start = self.now()
         outcome = "ok"
         try:
@@ -132,8 +183,15 @@ class Timeline:
         outcome: str | None = None,
         detail: str | None = None,
     ) -> None:
-        """Record an instant event, such as the moment a message is lost."""
-        who = caller_label() if who is None else who
+        """Record an instant event, such as the moment a message is lost.
+
+        ``what`` is the kind of event (one marker shape per kind in the charts: ``"read"`` and ``"write"``
+        for the steps of a read-modify-write, a damage word such as ``"lost"`` for damage, drawn in red);
+        ``detail`` is the label printed next to the marker (say what was read, written, or what caused
+        the damage: ``"saw 2 messages"``, ``"overwritten by request 2"``). ``who`` defaults to the
+        current :func:`lane`, else the current task's (or thread's) name.
+        """
+        who = _who(who)
         self.add(TimelineRow(who, what, self.now(), None, key, outcome, detail))
 
     def observe_lock(self, event: LockEvent) -> None:
@@ -156,6 +214,42 @@ class Timeline:
                 start = self._open.pop((*ident, "wait"), t)
                 self._rows.append(TimelineRow(event.label, "wait", start, t, key, kind))
 
+    def style(
+        self,
+        phase: str,
+        *,
+        colour: str | None = None,
+        background: bool | None = None,
+        label: str | None = None,
+    ) -> None:
+        """Choose how this timeline's charts draw spans of ``phase``.
+
+        Args:
+            phase: the span phase to style.
+            colour: any matplotlib colour (default: the phase's usual colour, or one from a palette).
+            background: draw it as a wide pale bar (like ``hold``) instead of a narrow work bar.
+            label: its legend entry (default: the phase).
+
+        Raises:
+            TypeError: ``phase`` is not a string.
+
+        Example:
+            >>> tl = Timeline()
+            >>> tl.style("search v2", colour="#2ca02c", label="search that saw version 2")
+            >>> tl.styles()["search v2"]["label"]
+            'search that saw version 2'
+        """
+        if not isinstance(phase, str):
+            raise TypeError(f"phase must be a string, got {phase!r}")
+        given = {"colour": colour, "background": background, "label": label}
+        with self._guard:
+            self._styles[phase] = {k: v for k, v in given.items() if v is not None}
+
+    def styles(self) -> dict[str, dict[str, Any]]:
+        """The styles chosen with :meth:`style`, by phase."""
+        with self._guard:
+            return {p: dict(s) for p, s in self._styles.items()}
+
     def rows(self) -> list[TimelineRow]:
         """The rows recorded so far, ordered by start time."""
         with self._guard:
@@ -174,12 +268,13 @@ class Timeline:
         width: float = 10.0,
         legend: bool = True,
     ) -> Figure:
-        """Draw a static Gantt chart: one lane per request, one colour per phase, damage as a red X.
+        """Draw a static Gantt chart: one lane per request (named with its keys), one colour per phase.
 
         Lock phases (``wait``, hatched grey; ``hold``, pale green) are wide background bars; work
-        phases (``model``, ``embed``, ``publish``, ``search``, ...) are narrow bars on top. Instant
-        events are markers (a red X when the name says damage: lost, reordered, partial, ...).
-        matplotlib is imported here, and the figure uses an Agg canvas, never ``pyplot``.
+        phases (``model``, ``embed``, ``publish``, ``search``, ...) are narrow bars on top; failed or
+        cancelled work has a red outline. Instant events are markers, one shape per kind, labelled
+        with their ``detail`` in the gaps between lanes (damage, such as lost, reordered, partial, is
+        red). matplotlib is imported here, and the figure uses an Agg canvas, never ``pyplot``.
 
         Args:
             ax: draw into this matplotlib ``Axes`` instead of a new figure.
@@ -201,7 +296,7 @@ class Timeline:
         """
         from ._timeline_plot import plot_rows
 
-        return plot_rows(self.rows(), ax=ax, title=title, width=width, legend=legend)
+        return plot_rows(self.rows(), ax=ax, title=title, width=width, legend=legend, styles=self.styles())
 
     def plot_interactive(self, *, title: str | None = None) -> Any:
         """The same chart as an interactive ``plotly.graph_objects.Figure`` (hover for details).
@@ -225,7 +320,10 @@ class Timeline:
 
 
 def plot_timelines(timelines: Mapping[str, Timeline], *, width: float = 10.0, sharex: bool = True) -> Figure:
-    """Stack several timelines in one figure, sharing the time axis: before/after, policy by policy.
+    """Stack several timelines in one figure: before/after, policy by policy.
+
+    With ``sharex`` (the default) they share one time axis; ``sharex=False`` gives each its own axis,
+    scaled to its own rows (readable when one run is much shorter than another).
 
     Raises:
         ValueError: ``timelines`` is empty.
@@ -244,4 +342,9 @@ def plot_timelines(timelines: Mapping[str, Timeline], *, width: float = 10.0, sh
     for name, tl in timelines.items():
         if not isinstance(tl, Timeline):
             raise TypeError(f"plot_timelines() wants Timeline values, got {type(tl).__name__} for {name!r}")
-    return plot_many({name: tl.rows() for name, tl in timelines.items()}, width=width, sharex=sharex)
+    return plot_many(
+        {name: tl.rows() for name, tl in timelines.items()},
+        width=width,
+        sharex=sharex,
+        styles={name: tl.styles() for name, tl in timelines.items()},
+    )

@@ -76,3 +76,18 @@ def test_similarity_matrix_and_heatmap() -> None:
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["x", "y", "z"]
     with pytest.raises(ValueError, match="square"):
         plot_similarity(matrix, ["x", "y"])
+
+
+def test_heatmap_can_leave_out_the_diagonal_and_outline_topic_blocks() -> None:
+    import numpy as np
+
+    m = np.array([[1.0, 0.6, 0.1, 0.2], [0.6, 1.0, 0.15, 0.1], [0.1, 0.15, 1.0, 0.5], [0.2, 0.1, 0.5, 1.0]])
+    fig = plot_similarity(m, list("abcd"), groups=[("first", 2), ("second", 2)], mask_diagonal=True)
+    ax, bar = fig.axes
+    image = ax.get_images()[0].get_array()
+    assert np.ma.is_masked(image[0, 0]) and image[0, 1] == 0.6  # the diagonal is not drawn
+    assert bar.get_ylim() == (0.1, 0.6)  # the scale is not saturated by the 1.0 diagonal
+    assert [p.get_width() for p in ax.patches] == [2, 2]  # one outline per topic
+    assert {"first", "second"} <= {t.get_text() for t in ax.texts}
+    with pytest.raises(ValueError, match="groups cover 3"):
+        plot_similarity(m, list("abcd"), groups=[("x", 3)])

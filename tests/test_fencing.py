@@ -225,3 +225,66 @@ def test_missing_packages_name_what_to_install(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ImportError, match=r"chatkit\[sqlite\]"):
         fencing.FencedSqliteSaver  # noqa: B018
     assert os.path.basename(fencing.__file__) == "fencing.py"
+
+
+# ----------------------------------------------------------------------------- claim, delete, prune (FencedSaver)
+
+
+async def test_a_claim_refuses_the_lost_holder_before_the_new_one_writes(open_fenced: Opener, thread_id: str) -> None:
+    """Holder 1 read the head and lost its lock; holder 2 claimed the thread and is still computing: holder 1's
+    commit, on the unchanged head, is refused by the claim alone."""
+    from chatkit.sessions.fencing import is_fenced
+
+    async with open_fenced() as saver:
+        assert is_fenced(saver)
+        start = await append_message(saver, fence(_thread(thread_id), token=1), "turn 1")
+        await saver.aclaim_thread(thread_id, token=2)  # holder 2 starts its turn
+        with pytest.raises(StaleCommit, match="fencing token 1 is older than 2") as caught:
+            await append_message(saver, fence(start, token=1), "turn 2 by holder 1, late")
+        assert caught.value.reason == "token"
+        await append_message(saver, fence(start, token=2), "turn 2 by holder 2")  # from the head it read
+        assert await history(saver, thread_id) == ["turn 1", "turn 2 by holder 2"]
+        with pytest.raises(StaleCommit, match="refused to claim") as claimed:
+            await saver.aclaim_thread(thread_id, token=1)
+        assert (claimed.value.reason, claimed.value.token, claimed.value.newest_token) == ("token", 1, 2)
+        await saver.aclaim_thread(thread_id, token=2)  # the holder itself, again: fine
+        await saver.aclaim_thread("never-written", token=1)  # nothing to claim: no row is made
+
+
+async def test_a_stale_delete_or_prune_changes_nothing(open_fenced: Opener, thread_id: str) -> None:
+    async with open_fenced() as saver:
+        config = fence(_thread(thread_id), token=1)
+        for i in range(4):
+            config = fence(await append_message(saver, config, f"m{i}"), token=5)
+        await saver.aclaim_thread(thread_id, token=7)
+        for stale in (saver.aprune_thread_fenced(thread_id, keep=1, token=6), saver.adelete_thread_fenced(thread_id, token=6)):
+            with pytest.raises(StaleCommit, match=r"refused to (prune|delete) thread .* token 6 is older than 7"):
+                await stale
+        assert len(await chain(saver, thread_id)) == 4 and await history(saver, thread_id) == ["m0", "m1", "m2", "m3"]
+        await saver.aprune_thread_fenced(thread_id, keep=2, token=7)
+        assert len(await chain(saver, thread_id)) == 2 and await history(saver, thread_id) == ["m0", "m1", "m2", "m3"]
+        await saver.adelete_thread_fenced(thread_id, token=7)
+        assert await chain(saver, thread_id) == []
+
+
+async def test_a_deleted_thread_cannot_be_brought_back_by_a_lost_holder(open_fenced: Opener, thread_id: str) -> None:
+    async with open_fenced() as saver:
+        await append_message(saver, fence(_thread(thread_id), token=3), "turn 1")
+        await saver.adelete_thread_fenced(thread_id, token=4)
+        with pytest.raises(StaleCommit) as caught:  # holder 3 creates it again, late
+            await append_message(saver, fence(_thread(thread_id), token=3), "late")
+        assert caught.value.reason == "token"
+        assert await chain(saver, thread_id) == []
+        await append_message(saver, fence(_thread(thread_id), token=5), "a new session with that id")
+        assert await history(saver, thread_id) == ["a new session with that id"]
+
+
+def test_which_saver_to_use_instead() -> None:
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    from chatkit.sessions.fencing import fenced_alternative, is_fenced
+
+    assert "FencedInMemorySaver" in fenced_alternative(InMemorySaver())
+    assert "FencedSqliteSaver" in fenced_alternative(AsyncSqliteSaver.__new__(AsyncSqliteSaver))
+    assert "FencedSaver" in fenced_alternative(object())
+    assert not is_fenced(InMemorySaver()) and is_fenced(FencedInMemorySaver())

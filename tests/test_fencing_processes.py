@@ -1,7 +1,9 @@
 """Fenced savers and the Redis lock across real OS processes sharing one SQLite file or Postgres database.
 
 Includes the issue's reproduction on the plain saver (strict xfail): two processes, each running a
-SessionManager on one shared AsyncSqliteSaver, send one message to the same session at once.
+SessionManager on one shared AsyncSqliteSaver, send one message to the same session at once; and next to
+it the fixed version (RedisKeyedLock and FencedSqliteSaver in each process). The SessionManager scenarios
+across worker processes on PostgreSQL are in ``test_sessions_processes.py``.
 """
 
 from __future__ import annotations
@@ -147,3 +149,33 @@ def test_issue_reproduction_two_session_managers_on_one_sqlite_file(tmp_path: Pa
     users = asyncio.run(final())
     assert turns == [2, 3]
     assert users == ["first", "from A", "from B", "probe"] or users == ["first", "from B", "from A", "probe"]
+
+
+def test_issue_reproduction_fixed_with_redis_lock_and_fenced_sqlite(tmp_path: Path, redis_url: str) -> None:
+    """The same two processes and one SQLite file, each SessionManager on a RedisKeyedLock and a
+    FencedSqliteSaver: B's message waits in the session's queue in Redis while A's turn runs; they are told
+    turns 2 and 3, and the history keeps both."""
+    from chatkit.sessions.fencing import FencedSqliteSaver
+    from tests._session_workers import start_workers
+
+    path = str(tmp_path / "sessions.sqlite")
+
+    async def setup() -> None:  # the tables, once, before the processes race to create them
+        async with FencedSqliteSaver.from_conn_string(path) as saver:
+            await saver.setup()
+
+    asyncio.run(setup())
+    a, b = start_workers(["A", "B"], redis_url=redis_url, namespace=f"test:{uuid.uuid4().hex[:12]}", store="sqlite", store_url=path, lease=5.0)
+    try:
+        session_id = "shared-session"
+        assert a.result(a.chat(session_id, "first", create_if_missing=True))[:2] == ("ok", 1)
+        from_a = a.chat(session_id, "from A", gated=True)
+        a.wait_for("entered", "from A")  # A read the history and is in its model call
+        from_b = b.chat(session_id, "from B", watch=True)
+        b.wait_for("requested", "from B")  # B is queued behind it, in every process's view
+        a.release("from A")
+        assert [a.result(from_a)[:2], b.result(from_b)[:2]] == [("ok", 2), ("ok", 3)]
+        assert [content for role, content in b.history(session_id) if role == "user"] == ["first", "from A", "from B"]
+    finally:
+        a.close()
+        b.close()

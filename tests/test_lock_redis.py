@@ -274,6 +274,17 @@ async def test_redis_down_is_a_clear_error_naming_the_url(own_redis: Any) -> Non
         await lock.aclose()
 
 
+async def test_closing_the_lock_under_a_holder_tells_the_holder(redis_url: str) -> None:
+    """aclose() cancels a block still holding: its ``async with`` raises LockLost (it used to fail an
+    internal assertion, the closed lock having no event loop any more)."""
+    lock = RedisKeyedLock(redis_url, namespace=f"test:{uuid.uuid4().hex[:8]}")
+    holder = Holder(lock, "k", label="holder")
+    await holder.entered()
+    await lock.aclose()
+    with pytest.raises(LockLost, match="the lock was closed"):
+        await asyncio.wait_for(holder.task, WAIT)
+
+
 async def test_unreachable_server_at_first_use(locks: Callable[..., RedisKeyedLock]) -> None:
     from chatkit.testing import free_port
 

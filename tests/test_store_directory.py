@@ -536,7 +536,12 @@ def test_one_writer_and_reader_processes_with_the_writer_killed_at_random_points
                         break
         finally:
             child.kill()
-            out, _ = child.communicate()
+            # Read the rest through the same text wrapper: communicate() would read the pipe directly and
+            # miss the lines that readline() already buffered (reports of saves that did happen).
+            out = child.stdout.read()  # type: ignore[union-attr]
+            child.stdout.close()  # type: ignore[union-attr]
+            child.stdin.close()  # type: ignore[union-attr]
+            child.wait()
         for line in out.splitlines():  # saves it reported between our last read and its death
             saved = max(saved, json.loads(line).get("saved", 0))
         assert child.returncode == -9, err.read_text()

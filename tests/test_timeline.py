@@ -136,7 +136,8 @@ async def test_observe_lock_turns_lock_events_into_wait_and_hold_spans() -> None
 def test_plot_has_one_lane_per_request_in_order_of_appearance() -> None:
     fig = _sample().plot(title="before")
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_yticklabels()] == ["A", "B", "C"]
+    # each lane is named with the key its rows used
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["A\nkey s1", "B\nkey s1", "C\nkey s1"]
     assert ax.get_title(loc="left") == "before"
     assert len(ax.collections) == 5  # one bar per span
     assert "ms" in ax.get_xlabel()
@@ -154,7 +155,8 @@ def test_plot_colours_phases_and_marks_damage_with_a_red_x() -> None:
     assert markers["X"] == "#d62728"  # "lost" is damage
     assert markers["D"] == "#333333"  # "read" is not
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["wait", "hold", "model", "read", "lost"]  # phases, then events by time
+    # phases, the red outline of B's failed model call, then events by time
+    assert legend == ["wait", "hold", "model", "failed (red outline)", "read", "lost"]
 
 
 def test_plot_draws_into_a_given_axes_and_handles_an_empty_timeline() -> None:

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..locks import KeyedLock
-from ..timeline import Timeline
+from ..timeline import Timeline, lane
 from ._common import (
     QUESTIONS,
     Anomaly,
     Comparison,
+    FakeLLM,
     InFlight,
     RaceResult,
     _check_questions,
     _checkpoint_tree,
     _gather_named,
     _latency,
-    _mark_overwrites,
+    _plural,
     find_history_anomalies,
+    mark_lost_updates,
 )
 
 __all__ = [
@@ -55,27 +56,35 @@ class CheckpointRaceResult(RaceResult):
         )
 
 
-def _echo_graph(*, latencies: dict[str, float], owner: dict[str, str], gate: InFlight, timeline: Timeline) -> Any:
-    """A one-node LangGraph (``model``) over messages, compiled with ``InMemorySaver``.
+def _two_node_graph(*, latencies: dict[str, float], owner: dict[str, str], gate: InFlight, timeline: Timeline) -> Any:
+    """``context -> model`` over messages, compiled with ``InMemorySaver`` (the graph of notebook 2).
 
-    The node waits at ``gate`` (all requests in flight), then for the request's latency, then answers
-    ``"answer to: <question>"``.
+    ``context`` marks the read (the history the turn runs on); ``model`` waits at ``gate`` (all requests
+    in flight), then thinks for the request's latency (a :class:`FakeLLM`, so quicker requests thinking
+    at the same time answer first) and answers ``"answer to: <question>"``.
     """
     from langchain_core.messages import AIMessage
     from langgraph.checkpoint.memory import InMemorySaver
     from langgraph.graph import END, START, MessagesState, StateGraph
 
+    llm = FakeLLM(seconds=dict(reversed(latencies.items())), timeline=timeline)  # ties: the last request first
+
+    async def context(state: MessagesState) -> dict[str, Any]:
+        history = state["messages"][:-1]  # the last message is this turn's question
+        timeline.mark("read", key="thread-1", detail=f"saw {_plural(len(history), 'message')}")
+        return {}
+
     async def model(state: MessagesState) -> dict[str, Any]:
         question = str(state["messages"][-1].content)
-        who = owner[question]
-        with timeline.span("model", who=who, key="thread-1"):
-            await gate.arrive(who)
-            await asyncio.sleep(latencies[who])
+        await gate.arrive(owner[question])
+        await llm(state["messages"][:-1], question)
         return {"messages": [AIMessage(f"answer to: {question}")]}
 
     builder = StateGraph(MessagesState)
+    builder.add_node("context", context)
     builder.add_node("model", model)
-    builder.add_edge(START, "model")
+    builder.add_edge(START, "context")
+    builder.add_edge("context", "model")
     builder.add_edge("model", END)
     return builder.compile(checkpointer=InMemorySaver())
 
@@ -88,9 +97,11 @@ async def checkpointer_race(
 ) -> CheckpointRaceResult:
     """Concurrent ``graph.ainvoke`` calls on one ``thread_id`` with ``InMemorySaver``.
 
-    Naive (``locked=False``): every call loads the same checkpoint, adds its question and answer, and saves
-    a child of that checkpoint: the thread's checkpoint tree grows one branch per call, and the latest
-    state (what the next turn sees) keeps only the last writer's two messages. Fixed (``locked=True``):
+    The graph is ``context -> model`` (two nodes) over ``MessagesState``. Naive (``locked=False``): every
+    call loads the same checkpoint, adds its question and answer, and saves a child of that checkpoint:
+    the thread's checkpoint tree grows one branch per call, and the latest state (what the next turn
+    sees) keeps only the last writer's two messages. The timeline marks what each turn read and wrote
+    and each lost turn at the write that erased it. Fixed (``locked=True``):
     each call runs under a :class:`~chatkit.KeyedLock` on the thread id, so each turn starts from the
     previous turn's checkpoint and nothing is lost (this is what :class:`~chatkit.SessionManager` does).
 
@@ -115,21 +126,21 @@ async def checkpointer_race(
     latencies = {n: _latency(i, len(names), latency) for i, n in enumerate(names)}
     timeline = Timeline()
     gate = InFlight(names)
-    graph = _echo_graph(latencies=latencies, owner=owner, gate=gate, timeline=timeline)
+    graph = _two_node_graph(latencies=latencies, owner=owner, gate=gate, timeline=timeline)
     config: dict[str, Any] = {"configurable": {"thread_id": "thread-1"}}
     lock = KeyedLock(observer=timeline.observe_lock)
     lock.add_observer(gate.observe_lock)
-    end_of: dict[str, float] = {}
 
     def request(name: str, question: str) -> Callable[[], Awaitable[Any]]:
         async def turn() -> Any:
-            with timeline.span("turn", who=name, key="thread-1"):
+            with lane(name), timeline.span("turn", key="thread-1"):
                 if locked:
                     async with lock("thread-1", label=name):
                         out = await graph.ainvoke({"messages": [HumanMessage(question)]}, config)
                 else:
                     out = await graph.ainvoke({"messages": [HumanMessage(question)]}, config)
-            end_of[name] = timeline.now()
+                # ainvoke returns once its last checkpoint is saved
+                timeline.mark("write", key="thread-1", detail=f"wrote {_plural(len(out['messages']), 'message')}")
             return out
 
         return turn
@@ -146,7 +157,7 @@ async def checkpointer_race(
     anomalies = list(find_history_anomalies(expected, observed, who=who.__getitem__))
     lost_turns = [n for n, q in zip(names, questions, strict=True) if q not in observed]
     anomalies[:0] = [Anomaly("lost turn", n, q) for n, q in zip(names, questions, strict=True) if n in lost_turns]
-    _mark_overwrites(timeline, lost_turns, end_of)
+    mark_lost_updates(timeline, what="lost turn")
     checkpoints, branches = _checkpoint_tree(graph.checkpointer, config)
     return CheckpointRaceResult(
         experiment="checkpointer race",

@@ -108,7 +108,7 @@ async def lock_fifo(*, requests: Sequence[tuple[str, str]] | None = None, hold: 
     async def one(name: str, key: str) -> None:
         async with lock(key, label=name):
             seen.enter(key, name)
-            with timeline.span("model", who=name, key=key):
+            with timeline.span("work", who=name, key=key):
                 await asyncio.sleep(hold)
             seen.leave(key)
 
@@ -121,6 +121,8 @@ async def multi_key_deadlock(*, keyed: bool, patience: float = 0.2) -> LockDemoR
 
     Naive (``keyed=False``): a dict of ``asyncio.Lock`` taken one key at a time in the caller's order. A
     gate makes sure both hold their first key before asking for the second, so they deadlock on every run.
+    The timeline shows each caller holding its first key (lanes say ``holds a · waits for b``) and its
+    cancelled wait for the second, and marks the deadlock with who holds the key each one waits for.
     ``KeyedLock`` (``keyed=True``) takes ``lock("a", "b")`` and ``lock("b", "a")`` atomically: no deadlock.
 
     Args:
@@ -137,7 +139,7 @@ async def multi_key_deadlock(*, keyed: bool, patience: float = 0.2) -> LockDemoR
     async def keyed_caller(name: str, first: str, second: str) -> None:
         async with lock(first, second, label=name):
             seen.enter("a+b", name)
-            with timeline.span("model", who=name, key=(first, second)):
+            with timeline.span("work", who=name, key=(first, second)):
                 await gate.arrive(name)
                 await asyncio.sleep(0.01)
             seen.leave("a+b")
@@ -148,11 +150,11 @@ async def multi_key_deadlock(*, keyed: bool, patience: float = 0.2) -> LockDemoR
         try:
             with timeline.span("hold", who=name, key=first):
                 await gate.arrive(name)  # both now hold their first key
-                with timeline.span("waits for 2nd key", who=name, key=second):
+                with timeline.span("wait", who=name, key=second):  # ... and wait for the other's
                     await naive[second].acquire()
                 try:
                     seen.enter("a+b", name)
-                    with timeline.span("model", who=name, key=(first, second)):
+                    with timeline.span("work", who=name, key=(first, second)):
                         await asyncio.sleep(0.01)
                     seen.leave("a+b")
                 finally:
@@ -170,8 +172,9 @@ async def multi_key_deadlock(*, keyed: bool, patience: float = 0.2) -> LockDemoR
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     if pending:
-        for name in ("caller 1", "caller 2"):
-            timeline.mark("deadlock", who=name, detail="waits for a key the other caller holds")
+        wants = {"caller 1": ("b", "caller 2"), "caller 2": ("a", "caller 1")}
+        for name, (key, holder) in wants.items():
+            timeline.mark("deadlock", who=name, key=key, detail=f"waits for {key}, held by {holder}")
     title = "KeyedLock: lock(a, b) and lock(b, a)" if keyed else "dict of asyncio.Lock, one key at a time"
     return LockDemoResult(title, timeline, seen.lines(), seen.overlaps, deadlocked=bool(pending))
 
@@ -200,7 +203,7 @@ async def shared_across_threads(*, rounds: int = 3, hold: float = 0.005) -> Lock
         for _ in range(rounds):
             async with lock("shared", label=name):
                 seen.enter("shared", name)
-                with timeline.span("write", who=name, key="shared"):
+                with timeline.span("work", who=name, key="shared"):
                     await asyncio.sleep(hold)
                 seen.leave("shared")
             await asyncio.sleep(0)
@@ -209,7 +212,7 @@ async def shared_across_threads(*, rounds: int = 3, hold: float = 0.005) -> Lock
         for _ in range(rounds):
             with lock.sync("shared", label=name):
                 seen.enter("shared", name)
-                with timeline.span("write", who=name, key="shared"):
+                with timeline.span("work", who=name, key="shared"):
                     time.sleep(hold)  # simulated blocking work in a plain thread
                 seen.leave("shared")
 

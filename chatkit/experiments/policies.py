@@ -6,8 +6,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..timeline import Timeline, plot_timelines
-from ._common import InFlight, _GatedTimeline, _mark_overwrites, _reply_owner
+from ..timeline import Timeline, lane, plot_timelines
+from ._common import FakeLLM, InFlight, RecordingSaver, _GatedTimeline, _reply_owner, mark_lost_updates
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -64,8 +64,8 @@ class PolicyComparison:
         return "\n".join(r.summary() for r in self.results)
 
     def plot(self, *, width: float = 10.0) -> Figure:
-        """One timeline per policy, on one time axis."""
-        return plot_timelines({r.policy: r.timeline for r in self.results}, width=width)
+        """One timeline per policy, each on its own time axis."""
+        return plot_timelines({r.policy: r.timeline for r in self.results}, width=width, sharex=False)
 
     def _repr_html_(self) -> str:
         from .._timeline_plot import figure_html
@@ -79,10 +79,16 @@ _DOUBLE_TEXT = ("Tell me about locks.", "Actually, tell me about FIFO queues.")
 async def double_texting(policy: str, *, latency: float = 0.06) -> PolicyResult:
     """Send message 1, and while its reply is being computed, send message 2 with ``policy``.
 
-    Sequenced by events, not timing: message 2 is sent the moment message 1's model call has started, and
-    message 1's model answers only after message 2 has arrived (queued for the lock, been refused, or,
-    without a lock, reached the model); then it takes ``latency`` seconds, message 2's model ``latency / 3``.
+    Sequenced by events, not timing: message 1's model thinks for ``latency / 2``, then message 2 is sent,
+    and message 1's model goes on only once message 2 has arrived (queued for the lock, been refused,
+    or, without a lock, reached the model): another ``latency / 2``; message 2's model takes
+    ``latency / 3`` (a :class:`FakeLLM`: when both think at once, message 2 answers first).
     ``policy="no lock"`` runs the naive ``SessionManager(locking=False)`` instead, for contrast.
+
+    The timeline has each turn's lock and model spans (cancelled ones outlined in red), what each turn
+    read and wrote (``saw N messages``, ``wrote N messages``: with ``interrupt`` message 1 writes its
+    question alone, with ``rollback`` nothing), when message 2 was sent, the ``SessionBusy`` refusal,
+    the interruption, and (without a lock) the turn a later write erased.
 
     Raises:
         ValueError: an unknown policy or a negative latency.
@@ -96,47 +102,50 @@ async def double_texting(policy: str, *, latency: float = 0.06) -> PolicyResult:
     if latency < 0:
         raise ValueError(f"latency must be >= 0 seconds, got {latency!r}")
     first, second = _DOUBLE_TEXT
-    first_started = asyncio.Event()
+    halfway = asyncio.Event()
     # message 2 is "in flight" once it queued for the lock, was refused, or (no lock) reached the model
     second_arrived = InFlight(["message 2"])
+    llm = FakeLLM(seconds={"message 2": latency / 3, "message 1": latency / 2})  # message 2 first, even on a tie
 
     async def model_latency(text: str) -> None:
         if text == first:
-            first_started.set()
+            await asyncio.sleep(latency / 2)  # message 1 is visibly under way...
+            halfway.set()  # ...when message 2 is sent
             await second_arrived.wait()  # message 1 is still running when message 2 arrives, always
-            await asyncio.sleep(latency)
+            await llm((), text, who="message 1")
         else:
             second_arrived.mark("message 2")
-            await asyncio.sleep(latency / 3)
+            await llm((), text, who="message 2")
 
     timeline = _GatedTimeline(second_arrived)
     locking = policy != "no lock"
+    saver = RecordingSaver(timeline)
     manager = SessionManager(
         model=ExtractiveChatModel(latency=model_latency),
         locking=locking,
         timeline=timeline,
         policy="enqueue",
+        checkpointer=saver,
     )
     sid = await manager.create_session()
-    end_of: dict[str, float] = {}
 
     async def send(name: str, text: str, how: str | None) -> Any:
-        try:
-            return await manager.chat(sid, text, policy=how)  # type: ignore[arg-type]
-        except Exception as exc:
-            if type(exc).__name__ != "TurnInterrupted":  # the manager marks interruptions itself
-                timeline.mark(type(exc).__name__, who=name, key=sid)
-                second_arrived.mark(name)  # refused at once (policy "reject"): it did arrive
-            raise
-        finally:
-            end_of[name] = timeline.now()
+        with lane(name):
+            try:
+                return await manager.chat(sid, text, policy=how)  # type: ignore[arg-type]
+            except Exception as exc:
+                if type(exc).__name__ != "TurnInterrupted":  # the manager marks interruptions itself
+                    timeline.mark(type(exc).__name__, key=sid, detail=f"{type(exc).__name__}: refused at once")
+                    second_arrived.mark(name)  # refused at once (policy "reject"): it did arrive
+                raise
 
     timeline.clear()
     one = asyncio.create_task(send("message 1", first, None), name="message 1")
-    await first_started.wait()
-    timeline.mark("2nd message sent", who="message 2", key=sid)
+    await halfway.wait()
+    timeline.mark("sent", who="message 2", key=sid, detail="message 2 sent")
     two = asyncio.create_task(send("message 2", second, policy if locking else None), name="message 2")
     outcomes = await asyncio.gather(one, two, return_exceptions=True)
+    saver.recording = False
     history = await manager.get_history(sid)
     lines = tuple(f"{m.role}: {_short(m.content, (first, second))}" for m in history)
     u1, u2 = f"user: {first}", f"user: {second}"
@@ -148,10 +157,8 @@ async def double_texting(policy: str, *, latency: float = 0.06) -> PolicyResult:
         "rollback": (u2, a2),
         "no lock": (u1, a1, u2, a2),  # what the user wanted; the naive service does not deliver it
     }[policy]
-    sent = (("message 1", first), ("message 2", second))
-    replied = {n for (n, _), o in zip(sent, outcomes, strict=True) if not isinstance(o, BaseException)}
-    lost = [n for n, text in sent if n in replied and f"user: {text}" not in lines]
-    _mark_overwrites(timeline, lost, end_of, key=sid, what="lost reply")
+    if not locking:
+        mark_lost_updates(timeline, what="lost turn")
     return PolicyResult(
         policy=policy,
         outcomes=tuple("replied" if not isinstance(o, BaseException) else type(o).__name__ for o in outcomes),

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..timeline import lane
 from ._common import (
     QUESTIONS,
     Comparison,
+    FakeLLM,
     InFlight,
     RaceResult,
+    RecordingSaver,
     _check_questions,
     _checkpoint_tree,
     _GatedTimeline,
     _gather_named,
     _latency,
-    _mark_overwrites,
     _reply_owner,
     find_history_anomalies,
+    mark_lost_updates,
 )
 
 __all__ = [
@@ -56,14 +58,16 @@ class SessionRaceResult(RaceResult):
 def _gated_latency(
     gate: InFlight, owner: dict[str, str], latencies: dict[str, float]
 ) -> Callable[[str], Awaitable[None]]:
-    """An ``ExtractiveChatModel`` latency: wait until every request is in flight, then its own latency."""
+    """An ``ExtractiveChatModel`` latency: wait until every request is in flight, then think (a
+    :class:`FakeLLM`: quicker requests thinking at the same time always answer first)."""
+    llm = FakeLLM(seconds=dict(reversed(latencies.items())))  # on a tie, the last request answers first
 
     async def wait(text: str) -> None:
         who = owner.get(text)
         if who is None:  # a message the experiment did not send (should not happen)
             return
         await gate.arrive(who)
-        await asyncio.sleep(latencies[who])
+        await llm((), text, who=who)
 
     return lambda text: wait(text)
 
@@ -77,7 +81,9 @@ async def session_race(
     """The original plan's scenario: three concurrent ``chat()`` calls on one session.
 
     Naive (``locking=False``): every turn reads the same history, the model runs, and each turn commits
-    on the state it read: the last commit wins and the other turns' messages are lost. Fixed
+    on the state it read: the last commit wins and the other turns' messages are lost. The timeline
+    marks each read of the session (``saw N messages``), each write (``wrote N messages``) and each lost
+    turn at the write that erased it (``overwritten by request 2``). Fixed
     (``locking=True``): the session's lock runs the turns one at a time in arrival order and the history is
     ``[user1, assistant1, user2, assistant2, user3, assistant3]``.
 
@@ -101,20 +107,20 @@ async def session_race(
     gate = InFlight(names)
     timeline = _GatedTimeline(gate)
     model = ExtractiveChatModel(latency=_gated_latency(gate, owner, latencies))
-    manager = SessionManager(model=model, locking=locking, timeline=timeline)
+    saver = RecordingSaver(timeline)
+    manager = SessionManager(model=model, locking=locking, timeline=timeline, checkpointer=saver)
     sid = await manager.create_session()
-    end_of: dict[str, float] = {}
 
     def request(name: str, question: str) -> Callable[[], Awaitable[Any]]:
         async def send() -> Any:
-            result = await manager.chat(sid, question)
-            end_of[name] = timeline.now()
-            return result
+            with lane(name):  # the commit runs in a task of its own: keep its write in this lane
+                return await manager.chat(sid, question)
 
         return send
 
     timeline.clear()
     outcomes = await _gather_named([(n, request(n, q)) for n, q in zip(names, questions, strict=True)])
+    saver.recording = False
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
@@ -125,8 +131,7 @@ async def session_race(
     expected = tuple(m for q in questions for m in (q, f"answer to: {q}"))
     who = {m: owner[m.removeprefix("answer to: ")] for m in expected}
     anomalies = find_history_anomalies(expected, observed, who=lambda m: who.get(m, "?"))
-    lost_turns = [n for n, q in zip(names, questions, strict=True) if q not in observed]
-    _mark_overwrites(timeline, lost_turns, end_of, key=sid, what="lost message")
+    mark_lost_updates(timeline, what="lost message")
     _, branches = _checkpoint_tree(manager.checkpointer, {"configurable": {"thread_id": sid}})
     return SessionRaceResult(
         experiment="session history race",

@@ -69,6 +69,7 @@ class RedisLockRequest:
         self.deadline = math.inf  # loop time its lease is considered gone without a renewal
         self.watchdog: asyncio.TimerHandle | None = None
         self.poke: asyncio.Future[None] | None = None
+        self._joined = asyncio.Event()  # set once the join script answered (or the request failed before)
         self.t_request = 0.0
         self.t_acquired = 0.0
 
@@ -76,6 +77,14 @@ class RedisLockRequest:
     def token(self) -> int | None:
         """The fencing token of this acquisition once entered (grows with every acquisition of a key)."""
         return self._token
+
+    async def joined(self) -> bool:
+        """Wait until this request's ticket is in the key queues in Redis; return whether it got there.
+
+        ``False``: the request failed or was cancelled before its ticket joined (or it was never entered).
+        """
+        await self._joined.wait()
+        return self.confirmed
 
     def __repr__(self) -> str:
         token = "" if self._token is None else f" token={self._token}"
@@ -122,6 +131,12 @@ class RedisLockRequest:
         return LockEvent(kind, self.keys, self.label_text, now, waited, held)
 
     async def _acquire(self) -> None:
+        try:
+            await self._acquire_keys()
+        finally:
+            self._joined.set()
+
+    async def _acquire_keys(self) -> None:
         lock = self.lock
         lock_clock = lock._clock
         self.t_request = lock_clock()
@@ -169,6 +184,7 @@ class RedisLockRequest:
                     max_pending=lock._max_pending or 0,
                 )
             self.confirmed = True
+            self._joined.set()
             self.extend(self.sent)
             if lock._observers:
                 lock._emit([self._event("requested", self.t_request)])
@@ -295,8 +311,7 @@ class RedisLockRequest:
         self.cancel_watchdog()
         if lock._tickets.get(self.ticket) is self:
             del lock._tickets[self.ticket]
-        assert lock._loop is not None
-        in_time = lock._loop.time() < self.deadline
+        in_time = asyncio.get_running_loop().time() < self.deadline  # (the lock may be closed: no loop of its own)
         task = asyncio.ensure_future(
             lock._call(scripts.RELEASE, [self.record], [lock._namespace, self.ticket, str(self._token)], f"release {describe(self.keys)}")
         )

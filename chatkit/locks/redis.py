@@ -155,8 +155,8 @@ class RedisKeyedLock:
       holders and waiters that cannot renew give up at their lease deadline.
 
     Local and exact views: :meth:`is_busy`, :meth:`locked`, :meth:`waiters`, ``len(lock)`` and
-    :meth:`statistics` answer at once for *this* lock object's requests (no round trip); :meth:`status`
-    and :meth:`ais_busy` ask Redis about every process.
+    :meth:`statistics` answer at once for *this* lock object's requests (no round trip); :meth:`status`,
+    :meth:`ais_busy` and :meth:`tickets` ask Redis about every process.
 
     One event loop: the lock binds to the loop that first uses it (its connections live there); make one
     per loop. Close it with ``await lock.aclose()`` or ``async with RedisKeyedLock(...) as lock:``.
@@ -292,6 +292,11 @@ class RedisKeyedLock:
         """Seconds a request stays valid without renewal."""
         return self._lease
 
+    @property
+    def socket_timeout(self) -> float | None:
+        """Seconds to wait for the server to connect or answer."""
+        return self._socket_timeout
+
     def __call__(
         self, key: Hashable = _UNSET, /, *more: Hashable, timeout: float | None = _UNSET, label: str | None = None
     ) -> RedisLockRequest:
@@ -367,6 +372,31 @@ class RedisKeyedLock:
         if token == "":
             return RedisKeyStatus(key, False, None, None, queued, None)
         return RedisKeyStatus(key, True, label, int(token), queued, max(pttl, 0) / 1000)
+
+    async def tickets(self, key: Hashable) -> list[str]:
+        """The ticket ids in ``key``'s queue in Redis, first to last, across every process (one round trip).
+
+        The first is the holder's once it is granted; a dead process's ticket is listed until it reaches
+        the head. ``request.ticket`` is a request's own, once ``await request.joined()`` said it joined.
+
+        Raises:
+            LockServerUnavailable: Redis could not be reached.
+        """
+        name = _key_name(key)
+        await self._ensure_started()
+        assert self._client is not None
+        try:
+            return list(await self._client.lrange(f"{self._namespace}:q:{name}", 0, -1))
+        except self._errors as exc:
+            raise self._unavailable(exc, f"list the queue of key {key!r}") from exc
+
+    def new_client(self) -> Redis:
+        """A new redis-py asyncio client to this lock's server (same URL and socket timeout, ``str`` replies).
+
+        For work that goes with the lock, such as :class:`~chatkit.SessionManager`'s cross-process
+        signalling; the caller closes it (``await client.aclose()``).
+        """
+        return self._make_client(0)
 
     def locked(self, key: Hashable) -> bool:
         """Local view: whether one of this lock object's requests holds ``key``."""

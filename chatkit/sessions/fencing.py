@@ -37,36 +37,47 @@ passes to ``aput``), checked under a row lock on the thread's fence row:
 
 Unfenced writes (no :func:`fence`) behave exactly as in the plain saver. Tokens must come from one lock
 shared by every writer of the thread (one :class:`~chatkit.RedisKeyedLock` namespace; the in-process
-:class:`~chatkit.KeyedLock` only within one process). Deleting a thread keeps its fence row, so a
-lost holder cannot bring a deleted thread back. Pending writes (``aput_writes``) are not fenced: they
-hang off a checkpoint and never move the head.
+:class:`~chatkit.KeyedLock` only within one process). Pending writes (``aput_writes``) are not fenced:
+they hang off a checkpoint and never move the head.
+
+Besides fenced writes, every fenced saver implements the :class:`FencedSaver` protocol, the other
+steps :class:`~chatkit.SessionManager` takes on a session, each checked against the thread's newest
+token in the same transaction:
+
+* ``aclaim_thread(thread_id, token=)``: a new lock holder raises the thread's newest token to its own
+  before it reads, so a holder that lost the lock earlier is refused even if it comes back before the
+  new holder has written anything;
+* ``adelete_thread_fenced(thread_id, token=)``: delete the thread; its fence row stays, so a lost holder
+  cannot bring the deleted thread back;
+* ``aprune_thread_fenced(thread_id, keep=, token=)``: delete all but the newest ``keep`` checkpoints.
 
 Savers: :class:`FencedInMemorySaver` (one process, for tests), ``FencedSqliteSaver`` (several processes
 on one SQLite file; needs ``langgraph-checkpoint-sqlite``) and ``FencedPostgresSaver`` (needs
-``chatkit[distributed]``); ``setup()`` creates their ``chatkit_fences`` table too.
+``chatkit[distributed]``); ``setup()`` creates their ``chatkit_fences`` table too. The SQL ones live in
+:mod:`chatkit.sessions._fenced_sql` and load on first use of their names here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import secrets
 import threading
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import ChannelVersions, Checkpoint, CheckpointMetadata
 from langgraph.checkpoint.memory import InMemorySaver
 
-from .._optional import optional_import
 from ..errors import StaleCommit
+from .pruning import prune_memory_storage
 
 __all__ = [
     "Fence",
     "fence",
     "read_fence",
+    "FencedSaver",
+    "is_fenced",
+    "fenced_alternative",
     "FencedInMemorySaver",
     "FencedSqliteSaver",
     "FencedPostgresSaver",
@@ -78,6 +89,75 @@ BASE_KEY = "__chatkit_fence_base__"
 WRITER_KEY = "__chatkit_fence_writer__"
 FENCE_TABLE = "chatkit_fences"
 _NO_BASE = ""  # stored in the config for "the thread has no checkpoint yet"
+DELETED = "deleted"  # the fence row's writer after a fenced delete
+
+
+@runtime_checkable
+class FencedSaver(Protocol):
+    """What a fenced checkpoint saver offers besides fenced writes (see the module docstring).
+
+    Each step raises :class:`~chatkit.StaleCommit` (``reason="token"``) and changes nothing when ``token``
+    is older than the newest token the thread has seen; ``token=None`` skips that check.
+    """
+
+    async def aclaim_thread(self, thread_id: str, *, token: int) -> None:
+        """Raise the thread's newest token to ``token`` (nothing to do for a thread never written fenced)."""
+        ...
+
+    async def adelete_thread_fenced(self, thread_id: str, *, token: int | None) -> None:
+        """Delete the thread's checkpoints and writes; keep (and raise) its newest token."""
+        ...
+
+    async def aprune_thread_fenced(self, thread_id: str, *, keep: int, token: int | None) -> None:
+        """Delete all but the newest ``keep`` checkpoints of the thread's root namespace."""
+        ...
+
+
+def is_fenced(saver: object) -> bool:
+    """Whether ``saver`` refuses stale fenced writes (it implements :class:`FencedSaver`).
+
+    Example:
+        >>> from langgraph.checkpoint.memory import InMemorySaver
+        >>> is_fenced(FencedInMemorySaver()), is_fenced(InMemorySaver())
+        (True, False)
+    """
+    return isinstance(saver, FencedSaver)
+
+
+def fenced_alternative(saver: object) -> str:
+    """The fenced saver to use instead of ``saver`` (for error messages).
+
+    Example:
+        >>> from langgraph.checkpoint.memory import InMemorySaver
+        >>> fenced_alternative(InMemorySaver())
+        'chatkit.FencedInMemorySaver (one process only)'
+    """
+    for cls in type(saver).__mro__:
+        name, module = cls.__name__, cls.__module__
+        if name == "InMemorySaver" and module.startswith("langgraph.checkpoint.memory"):
+            return "chatkit.FencedInMemorySaver (one process only)"
+        if name == "AsyncSqliteSaver" and module.startswith("langgraph.checkpoint.sqlite"):
+            return "chatkit.FencedSqliteSaver (same constructor and from_conn_string)"
+        if name == "AsyncPostgresSaver" and module.startswith("langgraph.checkpoint.postgres"):
+            return "chatkit.FencedPostgresSaver (same constructor and from_conn_string)"
+    return "a saver implementing chatkit.sessions.fencing.FencedSaver, such as chatkit.FencedPostgresSaver"
+
+
+def stale_token(thread_id: str, *, token: int, newest: int, doing: str) -> StaleCommit:
+    """The refusal of a step (``doing``: "claim", "delete", "prune") whose token is older than the thread's newest."""
+    return StaleCommit(
+        f"refused to {doing} thread {thread_id!r}: its fencing token {token} is older than {newest}, the newest this "
+        "thread has seen (a newer lock holder has claimed it since: this writer lost its lock); nothing was changed",
+        thread_id=thread_id,
+        reason="token",
+        token=token,
+        newest_token=newest,
+    )
+
+
+def is_stale(token: int | None, newest: int | None) -> bool:
+    """Whether a step with ``token`` must be refused when the thread's newest token is ``newest``."""
+    return token is not None and newest is not None and token < newest
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +299,8 @@ class FencedInMemorySaver(InMemorySaver):
     """LangGraph's ``InMemorySaver`` that refuses stale fenced writes (one process; for tests and teaching).
 
     Raises:
-        StaleCommit: from ``put``/``aput`` of a fenced write that is stale (see :mod:`chatkit.sessions.fencing`).
+        StaleCommit: from ``put``/``aput`` of a fenced write that is stale, and from the :class:`FencedSaver`
+            steps with a stale token (see :mod:`chatkit.sessions.fencing`).
 
     Example:
         >>> from chatkit import StaleCommit
@@ -263,234 +344,59 @@ class FencedInMemorySaver(InMemorySaver):
             self._fences[thread_id] = (_newest(newest, f.token), f.writer)
             return result
 
+    async def aclaim_thread(self, thread_id: str, *, token: int) -> None:
+        """Raise the thread's newest token to ``token`` (see :class:`FencedSaver`).
+
+        Raises:
+            StaleCommit: ``token`` is older than the thread's newest.
+        """
+        with self._fence_guard:
+            known = self._fences.get(thread_id)
+            if known is None:
+                return  # never written fenced: the first fenced write sets the token
+            newest, writer = known
+            if is_stale(token, newest):
+                raise stale_token(thread_id, token=token, newest=newest, doing="claim")  # type: ignore[arg-type]
+            self._fences[thread_id] = (_newest(newest, token), writer)
+
+    async def adelete_thread_fenced(self, thread_id: str, *, token: int | None) -> None:
+        """Delete the thread, keeping its newest token (see :class:`FencedSaver`).
+
+        Raises:
+            StaleCommit: ``token`` is older than the thread's newest.
+        """
+        with self._fence_guard:
+            newest, _ = self._fences.get(thread_id, (None, ""))
+            if is_stale(token, newest):
+                raise stale_token(thread_id, token=token, newest=newest, doing="delete")  # type: ignore[arg-type]
+            self.delete_thread(thread_id)
+            self._fences[thread_id] = (_newest(newest, token), DELETED)
+
+    async def aprune_thread_fenced(self, thread_id: str, *, keep: int, token: int | None) -> None:
+        """Keep the newest ``keep`` root checkpoints of the thread (see :class:`FencedSaver`).
+
+        Raises:
+            StaleCommit: ``token`` is older than the thread's newest.
+        """
+        with self._fence_guard:
+            newest, _ = self._fences.get(thread_id, (None, ""))
+            if is_stale(token, newest):
+                raise stale_token(thread_id, token=token, newest=newest, doing="prune")  # type: ignore[arg-type]
+            prune_memory_storage(self, thread_id, keep)
+
 
 # --------------------------------------------------------------------------------------------- SQLite and Postgres
-# Built on first use: their base classes live in optional packages.
+# In chatkit.sessions._fenced_sql, built on first use of their names: their base classes live in optional packages.
 
-_SQLITE_FENCES = f"""
-CREATE TABLE IF NOT EXISTS {FENCE_TABLE} (
-    thread_id TEXT PRIMARY KEY,
-    token INTEGER,
-    writer TEXT NOT NULL DEFAULT ''
-)"""
-
-_POSTGRES_FENCES = f"""
-CREATE TABLE IF NOT EXISTS {FENCE_TABLE} (
-    thread_id TEXT PRIMARY KEY,
-    token BIGINT,
-    writer TEXT NOT NULL DEFAULT ''
-)"""
-
-_HEAD_SQL = "SELECT checkpoint_id FROM checkpoints WHERE thread_id = {p} AND checkpoint_ns = {p} ORDER BY checkpoint_id DESC LIMIT 1"
-
-
-def _build_sqlite() -> type:
-    import json
-
-    from langgraph.checkpoint.base import get_checkpoint_metadata
-
-    AsyncSqliteSaver = optional_import(
-        "langgraph.checkpoint.sqlite.aio", extra="sqlite", feature="FencedSqliteSaver"
-    ).AsyncSqliteSaver
-
-    class FencedSqliteSaver(AsyncSqliteSaver):
-        """LangGraph's ``AsyncSqliteSaver`` that refuses stale fenced writes; processes may share the file.
-
-        A fenced ``aput`` runs in one ``BEGIN IMMEDIATE`` transaction (SQLite's write lock, shared by every
-        process on the file): read the thread's fence row and head, check, insert the checkpoint, update
-        the fence row, commit. Unfenced writes behave as in ``AsyncSqliteSaver``.
-
-        Raises:
-            StaleCommit: from ``aput`` of a fenced write that is stale (see :mod:`chatkit.sessions.fencing`).
-
-        Example:
-            >>> import asyncio, os, tempfile
-            >>> from langgraph.checkpoint.base import empty_checkpoint
-            >>> from chatkit.sessions.fencing import FencedSqliteSaver, fence
-            >>> async def main(path):
-            ...     async with FencedSqliteSaver.from_conn_string(path) as saver:
-            ...         thread = {"configurable": {"thread_id": "t1", "checkpoint_ns": ""}}
-            ...         head = await saver.aput(fence(thread, token=5), empty_checkpoint(), {}, {})
-            ...         try:  # a writer whose lock is older than token 5 comes back late
-            ...             await saver.aput(fence(head, token=4), empty_checkpoint(), {}, {})
-            ...         except Exception as exc:
-            ...             return type(exc).__name__, exc.reason
-            >>> with tempfile.TemporaryDirectory() as tmp:
-            ...     asyncio.run(main(os.path.join(tmp, "chat.sqlite")))
-            ('StaleCommit', 'token')
-        """
-
-        _fences_ready = False
-
-        async def setup(self) -> None:
-            """Create LangGraph's tables and the ``chatkit_fences`` table (if missing)."""
-            await super().setup()
-            if self._fences_ready:
-                return
-            async with self.lock:
-                if not self._fences_ready:
-                    await self.conn.execute(_SQLITE_FENCES)
-                    await self.conn.commit()
-                    self._fences_ready = True
-
-        async def aput(
-            self,
-            config: RunnableConfig,
-            checkpoint: Checkpoint,
-            metadata: CheckpointMetadata,
-            new_versions: ChannelVersions,
-        ) -> RunnableConfig:
-            f = read_fence(config)
-            if f is None:
-                return await super().aput(config, checkpoint, metadata, new_versions)
-            await self.setup()
-            thread_id, ns, parent, new_id = _write_ids(config, checkpoint)
-            # As AsyncSqliteSaver.aput (langgraph-checkpoint-sqlite 3.x), inside the fenced transaction.
-            type_, serialized = self.serde.dumps_typed(checkpoint)
-            serialized_metadata = json.dumps(get_checkpoint_metadata(config, metadata), ensure_ascii=False).encode(
-                "utf-8", "ignore"
-            )
-            async with self.lock:
-                await self.conn.execute("BEGIN IMMEDIATE")
-                try:
-                    async with self.conn.execute(
-                        f"SELECT token, writer FROM {FENCE_TABLE} WHERE thread_id = ?", (thread_id,)
-                    ) as cur:
-                        row = await cur.fetchone()
-                    async with self.conn.execute(_HEAD_SQL.format(p="?"), (thread_id, ns)) as cur:
-                        found = await cur.fetchone()
-                    newest, writer = (row[0], row[1]) if row else (None, None)
-                    refusal = judge(
-                        f,
-                        thread_id=thread_id,
-                        parent=parent,
-                        new_id=new_id,
-                        head=found[0] if found else None,
-                        newest_token=newest,
-                        last_writer=writer,
-                    )
-                    if refusal is not None:
-                        raise refusal
-                    await self.conn.execute(
-                        "INSERT OR REPLACE INTO checkpoints (thread_id, checkpoint_ns, checkpoint_id, "
-                        "parent_checkpoint_id, type, checkpoint, metadata) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (thread_id, ns, new_id, parent, type_, serialized, serialized_metadata),
-                    )
-                    await self.conn.execute(
-                        f"INSERT INTO {FENCE_TABLE} (thread_id, token, writer) VALUES (?, ?, ?) "
-                        "ON CONFLICT (thread_id) DO UPDATE SET token = excluded.token, writer = excluded.writer",
-                        (thread_id, _newest(newest, f.token), f.writer),
-                    )
-                    await self.conn.commit()
-                except BaseException:
-                    await self.conn.rollback()
-                    raise
-            return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": new_id}}
-
-    FencedSqliteSaver.__module__ = __name__
-    return FencedSqliteSaver
-
-
-# The cursor of the fenced transaction in progress, for the saver's own statements (see _cursor).
-_FENCED_CURSOR: contextvars.ContextVar[tuple[object, Any] | None] = contextvars.ContextVar("chatkit_fenced_cursor", default=None)
-
-
-def _build_postgres() -> type:
-    AsyncPostgresSaver = optional_import(
-        "langgraph.checkpoint.postgres.aio", extra="distributed", feature="FencedPostgresSaver"
-    ).AsyncPostgresSaver
-
-    class FencedPostgresSaver(AsyncPostgresSaver):
-        """LangGraph's ``AsyncPostgresSaver`` that refuses stale fenced writes.
-
-        A fenced ``aput`` runs in one transaction: lock the thread's fence row (``INSERT ... ON CONFLICT DO
-        UPDATE ... RETURNING``, which serializes the thread's fenced writers), read the head, check, then
-        store the checkpoint with ``AsyncPostgresSaver.aput``'s own statements on the same cursor, and
-        update the fence row. The connection must be in autocommit mode, as ``AsyncPostgresSaver`` requires
-        (``from_conn_string`` does this). Unfenced writes behave as in ``AsyncPostgresSaver``.
-
-        Raises:
-            StaleCommit: from ``aput`` of a fenced write that is stale (see :mod:`chatkit.sessions.fencing`).
-
-        Example:
-            >>> from chatkit.sessions.fencing import FencedPostgresSaver, fence
-            >>> async def commit(dsn, thread, values, token):      # doctest: +SKIP
-            ...     async with FencedPostgresSaver.from_conn_string(dsn) as saver:
-            ...         await saver.setup()
-            ...         ...  # graph.aupdate_state(fence(start, token=token), values, as_node=...)
-        """
-
-        async def setup(self) -> None:
-            """Create LangGraph's tables (migrations) and the ``chatkit_fences`` table (if missing)."""
-            await super().setup()
-            async with self._cursor() as cur:
-                await cur.execute(_POSTGRES_FENCES)
-
-        @contextlib.asynccontextmanager
-        async def _cursor(self, *, pipeline: bool = False) -> AsyncIterator[Any]:
-            current = _FENCED_CURSOR.get()
-            if current is not None and current[0] is self:
-                yield current[1]  # inside this saver's fenced transaction: same cursor, same transaction
-                return
-            async with super()._cursor(pipeline=pipeline) as cur:
-                yield cur
-
-        async def aput(
-            self,
-            config: RunnableConfig,
-            checkpoint: Checkpoint,
-            metadata: CheckpointMetadata,
-            new_versions: ChannelVersions,
-        ) -> RunnableConfig:
-            f = read_fence(config)
-            if f is None:
-                return await super().aput(config, checkpoint, metadata, new_versions)
-            thread_id, ns, parent, new_id = _write_ids(config, checkpoint)
-            async with self._cursor() as cur:
-                if self.pipe:
-                    await self.pipe.sync()  # the transaction must not take in what the pipeline queued
-                async with cur.connection.transaction():
-                    await cur.execute(
-                        f"INSERT INTO {FENCE_TABLE} (thread_id) VALUES (%s) ON CONFLICT (thread_id) "
-                        "DO UPDATE SET thread_id = EXCLUDED.thread_id RETURNING token, writer",
-                        (thread_id,),
-                    )
-                    row = await cur.fetchone()
-                    await cur.execute(_HEAD_SQL.format(p="%s"), (thread_id, ns))
-                    found = await cur.fetchone()
-                    refusal = judge(
-                        f,
-                        thread_id=thread_id,
-                        parent=parent,
-                        new_id=new_id,
-                        head=found["checkpoint_id"] if found else None,
-                        newest_token=row["token"],
-                        last_writer=row["writer"] or None,
-                    )
-                    if refusal is not None:
-                        raise refusal
-                    entered = _FENCED_CURSOR.set((self, cur))
-                    try:
-                        result = await super().aput(config, checkpoint, metadata, new_versions)
-                    finally:
-                        _FENCED_CURSOR.reset(entered)
-                    await cur.execute(
-                        f"UPDATE {FENCE_TABLE} SET token = %s, writer = %s WHERE thread_id = %s",
-                        (_newest(row["token"], f.token), f.writer, thread_id),
-                    )
-            return result
-
-    FencedPostgresSaver.__module__ = __name__
-    return FencedPostgresSaver
-
-
-_BUILDERS = {"FencedSqliteSaver": _build_sqlite, "FencedPostgresSaver": _build_postgres}
+_SQL_SAVERS = {"FencedSqliteSaver": "build_sqlite", "FencedPostgresSaver": "build_postgres"}
 
 
 def __getattr__(name: str) -> Any:
-    builder = _BUILDERS.get(name)
+    builder = _SQL_SAVERS.get(name)
     if builder is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    cls = builder()
+    from . import _fenced_sql
+
+    cls = getattr(_fenced_sql, builder)()
     globals()[name] = cls
     return cls

@@ -13,15 +13,18 @@ How a turn works (``locking=True``):
    joined it (a stream's turn runs in its own task, which may start a moment later), so the lock serves
    them in arrival order; ``lock_timeout`` counts from arrival.
 3. Read the thread's latest checkpoint: no checkpoint means no session (unless ``create_if_missing``), and
-   one idle past ``session_ttl`` means an expired one.
+   one idle past ``session_ttl`` means an expired one. With a cross-process lock, the turn first *claims*
+   the thread on the fenced checkpointer (raises its newest fencing token to the turn's own).
 4. Compute: run the graph on a :class:`~chatkit.sessions.sandbox.TurnSandbox` that starts from that
    checkpoint and keeps what the run saves in memory, inside ``turn_timeout``. Nothing is written while the
    graph runs, so a model or tool error, a timeout or a cancellation leaves the thread exactly as it was.
 5. Commit: one write, :meth:`~chatkit.sessions.threads.ThreadStore.commit`, stores the run's final
    checkpoint (the whole state: user message, tool calls and results, reply, custom keys) as a child of
-   the checkpoint read in step 3. The write is shielded from cancellation; a caller cancelled during it
-   gets ``CancelledError`` once it has finished, and the turn is reverted (one more checkpoint with the
-   pre-turn state).
+   the checkpoint read in step 3. On a fenced checkpointer this is a compare-and-set inside the database
+   transaction (refused with :class:`~chatkit.StaleCommit` if the head moved or a newer lock holder claimed
+   the thread). The write is shielded from cancellation; a caller cancelled during it gets
+   ``CancelledError`` once it has finished, and the turn is reverted (one more checkpoint with the
+   pre-turn state); a turn whose lock was lost while it was written keeps what the database decided.
 6. Prune the thread's old checkpoints (``keep_checkpoints``), then release the lock.
 
 LangGraph's own ``ainvoke`` is not atomic (it checkpoints the input message before the model runs, and
@@ -57,9 +60,11 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph.state import CompiledStateGraph
 
 from .._labels import caller_label
-from ..errors import LockTimeout, SessionBusy, SessionNotFound
+from ..errors import LockLost, LockTimeout, SessionBusy, SessionNotFound, StaleCommit
 from ..locks import AsyncKeyLock, KeyedLock, check_seconds
 from ..models import ExtractiveChatModel
+from .coordination import AT_ONCE, coordinator_for
+from .fencing import fenced_alternative, is_fenced
 from .graph import SESSION_KEY, WHO_KEY, build_chat_graph, check_graph
 from .queue import CLEANUP, COMMITTING, RUNNING, ChunkBuffer, Entry, TurnQueue
 from .registry import DONE, WAITING, Registry
@@ -79,6 +84,7 @@ __all__ = ["SessionManager", "ChatResult", "ChatMessage", "SessionStatistics", "
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_NOTHING: Any = object()  # a turn's body has not returned
 
 _CHECKPOINT_FORMAT = 4  # langgraph's checkpoint format version whose channel_values we read directly
 TIMESTAMP_KEY = "chatkit_timestamp"  # in a stored message's response_metadata: when it was written (epoch s)
@@ -162,7 +168,10 @@ class SessionManager:
             ``store.as_retriever()`` and the model answers from them.
         checkpointer: any async LangGraph ``BaseCheckpointSaver`` (default: a new ``InMemorySaver``).
         lock: any lock implementing :class:`~chatkit.locks.AsyncKeyLock` (default: a new
-            :class:`~chatkit.KeyedLock`); a lock shared by several processes serializes their turns.
+            :class:`~chatkit.KeyedLock`). A :class:`~chatkit.RedisKeyedLock` shared by several processes
+            serializes their turns and carries the policies across them (see
+            :mod:`chatkit.sessions.coordination`); it needs a fenced ``checkpointer``
+            (:mod:`chatkit.sessions.fencing`), whose commits a worker that lost its lock cannot overwrite.
         policy: what a message does when its session is busy: ``"enqueue"`` (wait, FIFO), ``"reject"``
             (raise :class:`~chatkit.SessionBusy` at once), ``"interrupt"`` (cancel the running turn but
             keep its user message, then run), ``"rollback"`` (cancel the running turn and discard it, then
@@ -190,7 +199,8 @@ class SessionManager:
 
     Raises:
         TypeError: a ``graph``, ``model``, ``store``, ``checkpointer`` (a sync-only saver such as
-            ``SqliteSaver`` included) or ``lock`` of the wrong kind, or a non-numeric limit.
+            ``SqliteSaver`` included) or ``lock`` of the wrong kind, a non-numeric limit, or a cross-process
+            lock with a checkpointer that is not fenced (the message names the fenced saver to use).
         ValueError: an unknown policy, a non-positive limit, a policy other than ``"enqueue"`` with
             ``locking=False``, ``model``/``store``/``retrieve_k`` together with ``graph``, or a graph
             without a ``messages`` channel.
@@ -278,12 +288,23 @@ class SessionManager:
         elif timeline is not None:
             lock.add_observer(timeline.observe_lock)
         self._lock: AsyncKeyLock = lock
+        # How the policies reach turns on other processes, chosen from the lock's type (no-ops in-process).
+        self._coordinator = coordinator_for(lock, on_supersede=self._supersede_tickets)
+        if locking and self._coordinator.distributed and not is_fenced(checkpointer):
+            raise TypeError(
+                f"checkpointer {type(checkpointer).__name__} is not fenced, and the lock ({type(lock).__name__}) is "
+                "shared by processes: a worker that lost the lock without noticing in time (paused, cut off from "
+                "the lock's server) could then overwrite a newer turn, and nobody would know. Use "
+                f"{fenced_alternative(checkpointer)} instead: it refuses such a write (StaleCommit)"
+            )
         # The sessions' threads live in `checkpointer`; `graph` is the graph compiled with it (for
         # inspection: aget_state, aget_state_history). A turn runs `_runner` on a TurnSandbox.
         self._graph: CompiledStateGraph = builder.compile(checkpointer=checkpointer)
         self._runner: CompiledStateGraph = builder.compile()
         self._messages = self._runner.channels["messages"]
-        self._threads = ThreadStore(checkpointer, keep=self._keep)
+        self._threads = ThreadStore(
+            checkpointer, keep=self._keep, fence_writes=locking, shared_tokens=self._coordinator.shared_tokens
+        )
         self._uid = secrets.token_hex(8)
         self._closed = False
 
@@ -292,9 +313,10 @@ class SessionManager:
         self._registry = Registry(ttl=self._ttl, max_sessions=self._max_sessions)
         self._guard = self._registry.guard
         self._counts = self._registry.counts
-        # KeyedLock joins its queue in the first step of the awaiting task: a later turn on the same event
-        # loop may follow as soon as the earlier one starts to wait. Other locks (or loops): once it holds.
-        self._queue = TurnQueue(self._guard, early_join=isinstance(lock, KeyedLock))
+        # KeyedLock and RedisKeyedLock join their queue in the first step of the awaiting task: a later turn
+        # on the same event loop may follow as soon as the earlier one starts to wait. Other locks (or
+        # loops): once it holds.
+        self._queue = TurnQueue(self._guard, early_join=self._coordinator.early_join)
         self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ properties and introspection
@@ -359,9 +381,21 @@ class SessionManager:
         )
 
     def is_busy(self, session_id: str) -> bool:
-        """Whether a turn is running or queued on ``session_id``."""
+        """Whether a turn of this manager is running or queued on ``session_id`` (no round trip).
+
+        With a lock shared by processes, other workers' turns are not seen: :meth:`ais_busy` asks the lock.
+        """
         live = self._registry.live.get(session_id)
         return live is not None and any(e.kind == "turn" for e in list(live.entries))
+
+    async def ais_busy(self, session_id: str) -> bool:
+        """Whether a turn is running or queued on ``session_id`` here or, with a ``RedisKeyedLock``, in any
+        process using the lock's namespace (one round trip to Redis when nothing runs here).
+
+        Raises:
+            LockServerUnavailable: the lock's Redis server could not be reached.
+        """
+        return self.is_busy(session_id) or await self._coordinator.ais_busy(session_id)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -369,7 +403,8 @@ class SessionManager:
         """Refuse new turns and sessions, and finish deleting the threads of expired sessions.
 
         Turns already in flight run to their end. Reads (``get_history``, ``list_sessions``) keep working.
-        Idempotent.
+        With a ``RedisKeyedLock``, it also stops listening for other workers' supersede requests (close the
+        lock yourself, after the manager). Idempotent.
         """
         self._closed = True
         loop = asyncio.get_running_loop()
@@ -384,6 +419,7 @@ class SessionManager:
                 waiter = asyncio.run_coroutine_threadsafe(_finish_uncancellable(task), other)
                 await asyncio.wrap_future(waiter)
         await self._purge_all()
+        await self._coordinator.aclose()
 
     def close(self) -> None:
         """:meth:`aclose` from synchronous code (no event loop may run in this thread).
@@ -509,7 +545,7 @@ class SessionManager:
                    time.perf_counter(), self._clock())
         )
         try:
-            await self._execute(entry, lambda token: self._run_delete(entry))
+            await self._execute(entry, lambda token: self._run_delete(entry, token))
         finally:
             self._finish(entry, None)
 
@@ -597,10 +633,16 @@ class SessionManager:
             ValueError: a bad message (the error names the limit or the character) or policy, or a config
                 that names the thread; nothing is saved.
             SessionNotFound: unknown, deleted, expired or malformed id (without ``create_if_missing``).
-            SessionBusy: policy ``"reject"`` and a turn is running or queued on the session.
+            SessionBusy: policy ``"reject"`` and a turn is running or queued on the session (in any process,
+                with a cross-process lock).
             TurnInterrupted: a newer message superseded this one (policies ``"interrupt"``, ``"rollback"``).
             LockTimeout: earlier turns kept the session busy longer than ``lock_timeout``.
             TimeoutError: the graph run took longer than ``turn_timeout``; nothing is saved.
+            StaleCommit: a fenced checkpointer refused the turn's commit (another writer committed first,
+                or this worker lost the session's lock); nothing is saved, every committed turn stays.
+            LockLost: (cross-process lock) the session's lock was lost before the turn committed; nothing
+                is saved.
+            LockServerUnavailable: (cross-process lock) its Redis server could not be reached.
             RuntimeError: the manager is closed, the call comes from a turn of this very session (its
                 model, a tool, a node), or the graph stopped at ``interrupt()``.
             Exception: whatever the graph (model, tool, retriever) raised; nothing is saved.
@@ -755,6 +797,11 @@ class SessionManager:
                 self._counts["rejected"] += 1
                 raise SessionBusy(sid)
             victims = [t for t in turns if t.state in (WAITING, RUNNING)] if policy in ("interrupt", "rollback") else []
+            if self._coordinator.distributed and self._locking:  # and on the other workers, through the lock
+                if policy == "reject":
+                    entry.at_once = True
+                elif policy in ("interrupt", "rollback"):
+                    entry.announce = policy
             live = self._registry.in_flight(sid)
             live.entries.append(entry)
             entry.live = live
@@ -771,27 +818,63 @@ class SessionManager:
         return entry
 
     async def _execute(self, entry: Entry, body: Callable[[int | None], Awaitable[T]]) -> T:
-        """Run ``body(fencing token)`` holding the session's lock (or without it, with ``locking=False``)."""
+        """Run ``body(fencing token)`` holding the session's lock (or without it, with ``locking=False``).
+
+        Raises:
+            SessionBusy: policy ``reject`` and, on a cross-process lock, another worker holds or queues the
+                session.
+            LockTimeout: waited longer than ``lock_timeout``.
+            StaleCommit: the turn's commit (or claim) was refused: its lock was lost, or another writer
+                committed first; nothing of it was saved.
+            LockLost: the lock was lost (lease ran out) before the turn committed; nothing was saved.
+        """
         if not self._locking:
             with self._guard:
                 entry.state = RUNNING
             return await body(None)
         loop = entry.loop
         deadline = None if self._lock_timeout is None else loop.time() + self._lock_timeout
+        result: Any = _NOTHING
         try:
+            await self._coordinator.ready()
             await self._queue.wait(entry, deadline)
-            timeout = None if deadline is None else max(deadline - loop.time(), 1e-6)
+            if entry.at_once:
+                timeout: float | None = AT_ONCE
+            else:
+                timeout = None if deadline is None else max(deadline - loop.time(), 1e-6)
             request = self._lock(entry.session_id, timeout=timeout, label=entry.who)
+            entry.request = request
             self._queue.progress(entry, joining=True)
+            if entry.announce is not None:
+                self._coordinator.supersede(entry.session_id, request, entry.announce)
             async with request:
                 self._queue.progress(entry, acquired=True)
                 entry.waited = time.perf_counter() - entry.t0
-                return await body(request.token)
+                result = await body(request.token)
+            return result  # type: ignore[no-any-return]
         except LockTimeout as exc:
             if entry.acquired:
                 raise  # e.g. the lock's max_hold: not a wait
+            if entry.at_once:
+                raise SessionBusy(entry.session_id) from None  # another worker holds or queues it
             entry.lock_timed_out = True
             raise self._lock_timeout_error(entry, exc) from exc
+        except LockLost as exc:
+            if result is not _NOTHING:  # committed while the lease was good; lost during the cleanup
+                logger.warning("session %r: a turn committed, then its lock was lost: %s", entry.session_id, exc)
+                return result  # type: ignore[no-any-return]
+            if isinstance(exc.__cause__, StaleCommit):
+                raise exc.__cause__  # the refused commit says it best (and that nothing was saved)
+            if not entry.acquired:
+                raise
+            lost = LockLost(
+                f"your message on session {entry.session_id!r} was not saved: this worker lost the session's lock "
+                f"before the turn committed ({exc}); send it again",
+                keys=exc.keys,
+                url=exc.url,
+                held=exc.held,
+            )
+            raise lost from exc
 
     def _span(self, entry: Entry) -> contextlib.AbstractContextManager[None]:
         if self._timeline is None:
@@ -822,6 +905,10 @@ class SessionManager:
             outcome = "interrupted" if entry.superseded is not None else "cancelled"
         elif isinstance(error, TurnInterrupted):
             outcome = "interrupted"
+        elif isinstance(error, SessionBusy):
+            outcome = "rejected"
+        elif isinstance(error, (StaleCommit, LockLost)):
+            outcome = "refused"
         elif isinstance(error, TimeoutError):
             outcome = "lock_timeouts" if entry.lock_timed_out else "timed_out"
         else:
@@ -855,6 +942,19 @@ class SessionManager:
             task = victim.task
         if task is not None:  # else a stream whose worker is about to start: it sees `superseded`
             task.cancel(f"superseded by a newer message (policy {policy!r})")
+
+    def _supersede_tickets(self, session_id: str, tickets: frozenset[str], policy: str) -> None:
+        """A worker (maybe this one) asks to cancel the turns whose lock tickets are ``tickets``: the turns of
+        ``session_id`` that were in the lock's queue when its superseding message joined it."""
+        with self._guard:
+            live = self._registry.live.get(session_id)
+            victims = [
+                e
+                for e in (live.turns() if live is not None else ())
+                if e.state in (WAITING, RUNNING) and getattr(e.request, "ticket", None) in tickets
+            ]
+        for victim in victims:
+            self._supersede(victim, policy)
 
     # ------------------------------------------------------------------ the turn
 
@@ -895,19 +995,26 @@ class SessionManager:
         commit = asyncio.ensure_future(
             self._threads.commit(sid, start=get_checkpoint_id(start.config), write=write, token=token)
         )
-        if await _finish_uncancellable(commit):
+        cancelled = await _finish_uncancellable(commit)
+        failure = None if commit.cancelled() else commit.exception()
+        # Cancelled by the lock (its lease ran out while the commit was on its way): the database decided,
+        # so a commit it accepted stands, and one it refused says so.
+        lost = cancelled and self._coordinator.lost(entry.request)
+        if cancelled and not lost:
             # The caller went away while the turn was being written: revert it (one more checkpoint,
             # whose state is exactly the pre-turn one).
-            if not commit.cancelled() and commit.exception() is None:
+            if failure is None and not commit.cancelled():
                 await self._revert(entry, start, write, token)
             raise asyncio.CancelledError
+        if isinstance(failure, StaleCommit):
+            raise self._refused(entry, failure) from failure
         commit.result()
         entry.committed = True
         with self._guard:
             self._registry.learn(sid, write.metadata[LAST_USED_KEY])  # type: ignore[typeddict-item]
-        if self._locking:  # pruning deletes stored values no kept checkpoint refers to: only under the lock
-            prune = asyncio.ensure_future(self._prune(sid))
-            if await _finish_uncancellable(prune):
+        if self._locking and not lost:  # pruning deletes stored values no kept checkpoint refers to: only under the lock
+            prune = asyncio.ensure_future(self._prune(sid, token))
+            if await _finish_uncancellable(prune) and not self._coordinator.lost(entry.request):
                 raise asyncio.CancelledError  # after the commit: the turn stays
         return ChatResult(
             reply=reply,
@@ -918,6 +1025,25 @@ class SessionManager:
             elapsed=time.perf_counter() - entry.t0,
         )
 
+    def _refused(self, entry: Entry, exc: StaleCommit) -> StaleCommit:
+        """The session-level StaleCommit for a write of ``entry``'s turn that a fenced checkpointer refused."""
+        why = {
+            "token": "this worker lost the session's lock (its lease ran out: paused, or cut off from the lock's "
+            "server) and a newer holder has taken the session since",
+            "head": "another writer committed on the session first (its history moved on since this turn read it)",
+            "order": "its checkpoint id does not sort after the session's latest (are the writers' clocks out of step?)",
+        }.get(exc.reason, exc.reason)
+        return StaleCommit(
+            f"your message on session {entry.session_id!r} was not saved: {why}. The session keeps every turn "
+            "committed so far; send the message again",
+            thread_id=exc.thread_id,
+            reason=exc.reason,
+            token=exc.token,
+            newest_token=exc.newest_token,
+            expected=exc.expected,
+            head=exc.head,
+        )
+
     async def _open_session(self, entry: Entry, token: int | None) -> CheckpointTuple:
         """The session's latest checkpoint; a new session's first one with ``create_if_missing``.
 
@@ -925,6 +1051,10 @@ class SessionManager:
             SessionNotFound: no such session, or it expired before the turn arrived.
         """
         sid = entry.session_id
+        try:
+            await self._threads.claim(sid, token)  # a lock holder that lost its lease is refused from now on
+        except StaleCommit as exc:
+            raise self._refused(entry, exc) from exc
         start = await self._threads.read(sid)
         if start is not None:
             last_used = last_used_of(start)
@@ -933,17 +1063,20 @@ class SessionManager:
                     return start
                 self._registry.bury(sid, last_used)
             if self._locking:
-                await self._purge_locked(sid)  # we hold its lock: delete the expired thread now
+                await self._purge_locked(sid, token)  # we hold its lock: delete the expired thread now
             else:
                 self._purge_in_background()
             start = None
         if not entry.create_if_missing:
             raise SessionNotFound(sid)
         if self._locking:
-            await self._purge_locked(sid)  # a removed id whose old thread is not deleted yet
+            await self._purge_locked(sid, token)  # a removed id whose old thread is not deleted yet
         now = self._clock()
         write = initial_write(self._metadata(now))
-        checkpoint_id = await self._threads.commit(sid, start=None, write=write, token=token)
+        try:
+            checkpoint_id = await self._threads.commit(sid, start=None, write=write, token=token)
+        except StaleCommit as exc:
+            raise self._refused(entry, exc) from exc
         with self._guard:
             self._registry.learn(sid, now)
             self._counts["created"] += 1
@@ -1058,13 +1191,15 @@ class SessionManager:
         if task.cancelled() or task.exception() is not None:
             logger.error("could not take a cancelled turn out of session %r", sid)
 
-    async def _prune(self, session_id: str) -> None:
+    async def _prune(self, session_id: str, token: int | None) -> None:
         try:
-            await self._threads.prune(session_id)
+            await self._threads.prune(session_id, token=token)
+        except StaleCommit:
+            logger.warning("did not prune session %r: its lock passed on to a newer holder meanwhile", session_id)
         except Exception:
             logger.exception("could not prune the old checkpoints of session %r", session_id)
 
-    async def _run_delete(self, entry: Entry) -> None:
+    async def _run_delete(self, entry: Entry, token: int | None) -> None:
         sid = entry.session_id
         saved = await self._threads.read(sid)
         if saved is not None:
@@ -1075,14 +1210,14 @@ class SessionManager:
                     self._registry.bury(sid, last_used)
             if gone:
                 if self._locking:
-                    await self._purge_locked(sid)
+                    await self._purge_locked(sid, token)
                 else:
                     self._purge_in_background()
                 saved = None
         if saved is None:
             raise SessionNotFound(sid)
         try:
-            await self._threads.delete(sid)
+            await self._threads.delete(sid, token=token)
         except NotImplementedError:
             logger.warning(
                 "%s cannot delete threads: the history of deleted session %r stays in it",
@@ -1097,8 +1232,13 @@ class SessionManager:
 
     # ------------------------------------------------------------------ expiry and deletion
 
-    async def _purge_locked(self, session_id: str) -> None:
-        """Holding the session's lock (or as its turn): delete an expired session's thread."""
+    async def _purge_locked(self, session_id: str, token: int | None) -> None:
+        """Holding the session's lock (or as its turn; ``token`` its fencing token): delete an expired
+        session's thread.
+
+        Raises:
+            StaleCommit: (fenced checkpointer) the lock passed on to a newer holder meanwhile.
+        """
         with self._guard:
             mark = self._registry.tombstones.get(session_id)
         if mark is None:
@@ -1108,7 +1248,7 @@ class SessionManager:
             pass  # used again since it was found expired (by another manager): it stays
         elif saved is not None:
             try:
-                await self._threads.delete(session_id)
+                await self._threads.delete(session_id, token=token)
             except NotImplementedError:
                 logger.warning(
                     "%s cannot delete threads: the history of expired session %r stays in it",
@@ -1135,8 +1275,9 @@ class SessionManager:
             for sid in todo:
                 tried.add(sid)
                 try:
-                    async with self._lock(sid, timeout=self._lock_timeout, label="expiry"):
-                        await self._purge_locked(sid)
+                    request = self._lock(sid, timeout=self._lock_timeout, label="expiry")
+                    async with request:
+                        await self._purge_locked(sid, request.token)
                 except Exception:
                     logger.exception("could not delete the checkpoints of expired session %r", sid)
 

@@ -21,7 +21,7 @@ from typing import Any
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 
-__all__ = ["prune_thread", "can_prune"]
+__all__ = ["prune_thread", "can_prune", "prune_memory_storage", "prune_sqlite_rows", "prune_postgres_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ async def prune_thread(saver: BaseCheckpointSaver, thread_id: str, keep: int) ->
     """Keep the newest ``keep`` checkpoints of ``thread_id``'s root namespace and delete the older ones."""
     kind = _saver_kind(saver)
     if kind == "memory":
-        _prune_memory(saver, thread_id, keep)  # type: ignore[arg-type]
+        prune_memory_storage(saver, thread_id, keep)  # type: ignore[arg-type]
     elif kind == "sqlite":
         await _prune_sqlite(saver, thread_id, keep)
     elif kind == "postgres":
@@ -57,7 +57,8 @@ async def prune_thread(saver: BaseCheckpointSaver, thread_id: str, keep: int) ->
         await saver.aprune([thread_id], strategy="keep_latest")
 
 
-def _prune_memory(saver: InMemorySaver, thread_id: str, keep: int) -> None:
+def prune_memory_storage(saver: InMemorySaver, thread_id: str, keep: int) -> None:
+    """Keep the newest ``keep`` root checkpoints of ``thread_id`` in an ``InMemorySaver`` (synchronous)."""
     # InMemorySaver's documented storage: storage[thread][ns][checkpoint id] = (checkpoint, metadata,
     # parent id), writes[(thread, ns, checkpoint id)], blobs[(thread, ns, channel, version)]. Synchronous:
     # nothing else runs on this loop meanwhile.
@@ -84,23 +85,31 @@ def _prune_memory(saver: InMemorySaver, thread_id: str, keep: int) -> None:
         saver.blobs.pop((thread_id, "", channel, version), None)
 
 
-async def _prune_sqlite(saver: Any, thread_id: str, keep: int) -> None:
+_SQLITE_OLDER = (
+    "SELECT checkpoint_id FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = '' "
+    "ORDER BY checkpoint_id DESC LIMIT -1 OFFSET ?"
+)
+
+
+async def prune_sqlite_rows(cur: Any, thread_id: str, keep: int) -> None:
+    """The deletes of a SQLite prune, on ``cur`` (the caller holds ``saver.lock`` and commits)."""
     # AsyncSqliteSaver keeps each checkpoint (values included) in one row of `checkpoints`, and pending
-    # writes in `writes`; it serialises its own use of the connection with `saver.lock`.
-    older = (
-        "SELECT checkpoint_id FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = '' "
-        "ORDER BY checkpoint_id DESC LIMIT -1 OFFSET ?"
+    # writes in `writes`.
+    await cur.execute(
+        f"DELETE FROM writes WHERE thread_id = ? AND checkpoint_ns = '' AND checkpoint_id IN ({_SQLITE_OLDER})",
+        (thread_id, thread_id, keep),
     )
+    await cur.execute(
+        f"DELETE FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = '' AND checkpoint_id IN ({_SQLITE_OLDER})",
+        (thread_id, thread_id, keep),
+    )
+
+
+async def _prune_sqlite(saver: Any, thread_id: str, keep: int) -> None:
+    # AsyncSqliteSaver serialises its own use of the connection with `saver.lock`.
     await saver.setup()
     async with saver.lock, saver.conn.cursor() as cur:
-        await cur.execute(
-            f"DELETE FROM writes WHERE thread_id = ? AND checkpoint_ns = '' AND checkpoint_id IN ({older})",
-            (thread_id, thread_id, keep),
-        )
-        await cur.execute(
-            f"DELETE FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = '' AND checkpoint_id IN ({older})",
-            (thread_id, thread_id, keep),
-        )
+        await prune_sqlite_rows(cur, thread_id, keep)
         await saver.conn.commit()
 
 
@@ -127,15 +136,19 @@ AND NOT EXISTS (
 """
 
 
+async def prune_postgres_rows(cur: Any, thread_id: str, keep: int) -> None:
+    """The deletes of a PostgreSQL prune, on ``cur`` (the caller runs them in one transaction)."""
+    params = {"thread": thread_id, "keep": keep}
+    await cur.execute(_PG_DELETE_CHECKPOINTS, params)
+    await cur.execute(_PG_DELETE_BLOBS, params)
+
+
 async def _prune_postgres(saver: Any, thread_id: str, keep: int) -> None:
     # AsyncPostgresSaver: checkpoints, checkpoint_writes, checkpoint_blobs (one row per channel version);
     # its connection is an AsyncConnection (used under `saver.lock`) or an AsyncConnectionPool.
-    params = {"thread": thread_id, "keep": keep}
-
     async def run(conn: Any) -> None:
         async with conn.transaction(), conn.cursor() as cur:
-            await cur.execute(_PG_DELETE_CHECKPOINTS, params)
-            await cur.execute(_PG_DELETE_BLOBS, params)
+            await prune_postgres_rows(cur, thread_id, keep)
 
     conn = saver.conn
     if hasattr(conn, "connection") and not hasattr(conn, "cursor"):  # a psycopg_pool.AsyncConnectionPool

@@ -101,6 +101,9 @@ class Entry:
     committed: bool = False
     waited: float = 0.0
     lock_timed_out: bool = False
+    request: Any = None  # the lock request (a LockRequest) once made: its ticket names it to other workers
+    at_once: bool = False  # policy "reject" on a cross-process lock: take the lock at once or be refused
+    announce: str | None = None  # policy "interrupt"/"rollback" on a cross-process lock: tell the other workers
 
 
 def _set_result(fut: asyncio.Future[None]) -> None:

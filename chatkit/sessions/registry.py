@@ -38,6 +38,7 @@ COUNTERS = (
     "interrupted",
     "rejected",
     "lock_timeouts",
+    "refused",
     "created",
     "deleted",
     "expired",

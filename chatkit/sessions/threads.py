@@ -10,6 +10,11 @@ same checkpointer (after a restart, or in another process) sees the same session
 :meth:`ThreadStore.commit` is the only method that writes a session's state: every turn, the first
 checkpoint of a new session, the message an interrupted turn keeps and the undoing of a commit whose
 caller went away all go through it.
+
+On a fenced saver (:mod:`chatkit.sessions.fencing`) every step is fenced: a commit is a compare-and-set on
+the checkpoint the turn started from (and, with ``shared_tokens``, is refused when a newer lock holder
+has claimed the thread); a new lock holder claims the thread before it reads it; deletes and prunes are
+refused for a stale token. Each refusal is :class:`~chatkit.StaleCommit`, and changes nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from datetime import datetime
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple, get_checkpoint_id
 
+from .fencing import fence, is_fenced
 from .pruning import can_prune, prune_thread
 from .sandbox import TurnWrite
 
@@ -60,11 +66,15 @@ def last_used_of(saved: CheckpointTuple) -> float:
 
 
 class ThreadStore:
-    """The sessions' threads in one checkpoint saver: read, commit, delete, prune, scan.
+    """The sessions' threads in one checkpoint saver: read, claim, commit, delete, prune, scan.
 
     Args:
         saver: the checkpoint saver (its async API is used).
         keep: the newest checkpoints kept per thread after each turn (``None``: keep all).
+        fence_writes: fence every write when ``saver`` is a fenced saver (``False``: the naive service,
+            whose writes are plain).
+        shared_tokens: the lock's fencing tokens order every writer of the saver (a cross-process lock):
+            fence with them and claim threads; otherwise writes are fenced by compare-and-set only.
 
     Example:
         >>> import asyncio
@@ -79,14 +89,22 @@ class ThreadStore:
         [('s1', 5.0)]
     """
 
-    def __init__(self, saver: BaseCheckpointSaver, *, keep: int | None) -> None:
+    def __init__(
+        self, saver: BaseCheckpointSaver, *, keep: int | None, fence_writes: bool = True, shared_tokens: bool = False
+    ) -> None:
         self.saver = saver
         self.keep = keep
+        self.fenced = fence_writes and is_fenced(saver)
+        self._tokens = self.fenced and shared_tokens
         if keep is not None and not can_prune(saver):
             logger.info("%s cannot delete old checkpoints: sessions keep all of theirs", type(saver).__name__)
 
     def __repr__(self) -> str:
-        return f"<ThreadStore saver={type(self.saver).__name__} keep={self.keep}>"
+        fencing = "tokens" if self._tokens else "compare-and-set" if self.fenced else "none"
+        return f"<ThreadStore saver={type(self.saver).__name__} keep={self.keep} fencing={fencing}>"
+
+    def _fence_token(self, token: int | None) -> int | None:
+        return token if self._tokens else None
 
     async def read(self, thread_id: str) -> CheckpointTuple | None:
         """The thread's latest checkpoint (``None``: no such session)."""
@@ -98,6 +116,18 @@ class ThreadStore:
         config["configurable"]["checkpoint_id"] = checkpoint_id
         return await self.saver.aget_tuple(config)
 
+    async def claim(self, thread_id: str, token: int | None) -> None:
+        """A new lock holder raises the thread's newest token to its own, before it reads the thread.
+
+        A holder that lost the lock earlier is then refused whatever it writes, even before this one
+        commits. Nothing to do without shared tokens.
+
+        Raises:
+            StaleCommit: ``token`` is older than the thread's newest (this holder lost its lock already).
+        """
+        if self._tokens and token is not None:
+            await self.saver.aclaim_thread(thread_id, token=token)  # type: ignore[attr-defined]
+
     async def commit(self, thread_id: str, *, start: str | None, write: TurnWrite, token: int | None) -> str:
         """Write ``write`` as the thread's new latest checkpoint, a child of checkpoint ``start``.
 
@@ -106,38 +136,54 @@ class ThreadStore:
         Args:
             thread_id: the session's thread.
             start: the id of the checkpoint the turn started from, which must still be the thread's
-                latest (``None``: the thread must have no checkpoint yet). Under the session's lock nobody
-                else writes the thread, so it is; the naive service (``locking=False``) does not check.
+                latest (``None``: the thread must have no checkpoint yet). On a fenced saver this is
+                checked in the transaction that writes (a compare-and-set); on a plain one the session's
+                lock is what makes it so, and the naive service (``locking=False``) does not check.
             write: the whole state after the turn (every channel), its metadata and the channel
                 versions it moved.
             token: the fencing token of the lock acquisition the turn holds (``None``: no lock, or a
-                lock without tokens). Stored in the checkpoint's metadata.
+                lock without tokens). Stored in the checkpoint's metadata; with shared tokens, a fenced
+                saver refuses the write if a newer token has claimed or written the thread.
 
         Returns:
             The new checkpoint's id.
 
-        A store shared by several processes makes this a compare-and-set inside the database's
-        transaction: refuse the write if the thread's latest checkpoint is no longer ``start`` or if a
-        newer fencing token than ``token`` has written the thread.
+        Raises:
+            StaleCommit: (fenced saver) the thread's head is no longer ``start``, or ``token`` is stale;
+                nothing was written.
         """
         config = thread_config(thread_id)
         if start is not None:
             config["configurable"]["checkpoint_id"] = start
+        if self.fenced:
+            config = fence(config, token=self._fence_token(token))
         metadata = {**write.metadata, FENCE_KEY: token}
         saved = await self.saver.aput(config, write.checkpoint, metadata, write.new_versions)  # type: ignore[arg-type]
         return get_checkpoint_id(saved) or write.checkpoint_id
 
-    async def delete(self, thread_id: str) -> None:
-        """Delete the thread and all its checkpoints.
+    async def delete(self, thread_id: str, *, token: int | None = None) -> None:
+        """Delete the thread and all its checkpoints (fenced: unless ``token`` is stale).
 
         Raises:
             NotImplementedError: the saver cannot delete threads.
+            StaleCommit: (fenced saver, shared tokens) ``token`` is older than the thread's newest.
         """
-        await self.saver.adelete_thread(thread_id)
+        if self.fenced:
+            await self.saver.adelete_thread_fenced(thread_id, token=self._fence_token(token))  # type: ignore[attr-defined]
+        else:
+            await self.saver.adelete_thread(thread_id)
 
-    async def prune(self, thread_id: str) -> None:
-        """Keep the newest ``keep`` checkpoints of the thread (nothing to do with ``keep=None``)."""
-        if self.keep is not None:
+    async def prune(self, thread_id: str, *, token: int | None = None) -> None:
+        """Keep the newest ``keep`` checkpoints of the thread (nothing to do with ``keep=None``).
+
+        Raises:
+            StaleCommit: (fenced saver, shared tokens) ``token`` is older than the thread's newest.
+        """
+        if self.keep is None:
+            return
+        if self.fenced:
+            await self.saver.aprune_thread_fenced(thread_id, keep=self.keep, token=self._fence_token(token))  # type: ignore[attr-defined]
+        else:
             await prune_thread(self.saver, thread_id, self.keep)
 
     async def scan(self) -> list[SessionHead]:

@@ -71,6 +71,9 @@ class SessionStatistics:
         interrupted: turns superseded by a newer message with policy ``"interrupt"`` or ``"rollback"``.
         rejected: messages refused at once with :class:`~chatkit.SessionBusy` (policy ``"reject"``).
         lock_timeouts: messages that waited longer than ``lock_timeout``.
+        refused: turns not saved because a fenced checkpointer refused their commit
+            (:class:`~chatkit.StaleCommit`: another writer committed first, or this worker lost the
+            session's lock) or the lock was lost before the commit (:class:`~chatkit.LockLost`).
         created: sessions created.
         deleted: sessions deleted with :meth:`~chatkit.SessionManager.delete_session`.
         expired: sessions this manager found expired (idle too long, or beyond ``max_sessions``).
@@ -86,6 +89,7 @@ class SessionStatistics:
     interrupted: int
     rejected: int
     lock_timeouts: int
+    refused: int
     created: int
     deleted: int
     expired: int
