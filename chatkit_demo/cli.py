@@ -80,6 +80,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"a conversation without messages for this long expires (default {defaults.session_ttl:g})")
     parser.add_argument("--max-sessions", type=int, default=defaults.max_sessions, metavar="N",
                         help=f"conversations kept at most; the least recently used expire first (default {defaults.max_sessions})")
+    parser.add_argument("--sweep-interval", type=float, default=defaults.sweep_interval, metavar="SECONDS",
+                        help=f"seconds between two expiry sweeps (default {defaults.sweep_interval:g})")
     parser.add_argument("--chat-concurrency", type=int, default=CHAT_LIMIT, metavar="N",
                         help=f"chat events running at once across all visitors (default {CHAT_LIMIT}; "
                         "1 = Gradio's default single queue, for comparison)")
@@ -128,6 +130,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         max_turns=getattr(args, "max_turns", defaults.max_turns),
         session_ttl=getattr(args, "session_ttl", defaults.session_ttl),
         max_sessions=getattr(args, "max_sessions", defaults.max_sessions),
+        sweep_interval=getattr(args, "sweep_interval", defaults.sweep_interval),
         admins=frozenset(getattr(args, "admin", None) or ()),
         secret_key=getattr(args, "env_secret", None),
     )
@@ -193,8 +196,11 @@ def serve(app: gr.Blocks, args: argparse.Namespace) -> int:
             file=sys.stderr, flush=True,
         )
     captured = io.StringIO()
+    # quiet=True silences Gradio's hints (they name launch() arguments, not ours) except a failed share
+    # link's; only then is stdout redirected (process-wide: never while Gradio's reload watcher may print)
+    quiet_share = contextlib.redirect_stdout(captured) if args.share else contextlib.nullcontext()
     try:
-        with contextlib.redirect_stdout(captured):  # Gradio's own hints name launch() arguments, not ours
+        with quiet_share:
             app.launch(
                 server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
                 prevent_thread_lock=True, show_error=True, max_file_size=4 * config.max_upload_bytes, quiet=True,

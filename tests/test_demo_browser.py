@@ -153,6 +153,16 @@ def _bot(page: Any) -> Any:
     return page.locator("#chatbot .bot")
 
 
+def _replied(page: Any) -> None:
+    """Wait until the reply has finished streaming (its first words show long before): Stop is disabled
+    again and the sources are named."""
+    from playwright.sync_api import expect
+
+    expect(_bot(page).last).to_contain_text("According to")
+    expect(page.locator("#stop")).to_be_disabled()
+    expect(page.locator("#sources")).to_contain_text("Retrieved from")
+
+
 # ------------------------------------------------------------------------------------------ chat
 def test_a_reply_streams_in_and_names_its_source(open_page: Any) -> None:
     from playwright.sync_api import expect
@@ -222,7 +232,7 @@ def test_stop_discards_the_turn_and_says_so(open_page: Any) -> None:
 
     page = open_page()
     _send(page, "What is a snapshot?")
-    expect(_bot(page).last).to_contain_text("According to")
+    _replied(page)
     _send(page, "HOLD stop me")
     expect(_bot(page).last).to_contain_text("writing the reply")
     page.locator("#stop").click()
@@ -243,7 +253,7 @@ def test_a_reload_restores_the_conversation_and_another_browser_starts_empty(ope
 
     page = open_page()
     _send(page, "What is double texting?")
-    expect(_bot(page).last).to_contain_text("According to")
+    _replied(page)  # (a reload while it streams stops the turn, as Stop does)
     reply = _bot(page).last.inner_text()
     page.reload()
     expect(page.locator("#chatbot .user")).to_have_text(["What is double texting?"])
@@ -351,14 +361,28 @@ LAYOUT_JS = """
       if (x > 1 && y > 1) overlaps.push(`${a.id} overlaps ${b.id}`);
     }
   }
+  // the part of the screen where el can be seen: the viewport, clipped by every scrolling ancestor (a
+  // message scrolled out of the conversation's box is hidden by it, not covered by what lies below)
+  const clip = (el) => {
+    let box = {left: 0, top: 0, right: innerWidth, bottom: innerHeight};
+    for (let p = el.parentElement; p; p = p.parentElement) {
+      const st = getComputedStyle(p);
+      if (st.overflowX === 'visible' && st.overflowY === 'visible') continue;
+      const q = p.getBoundingClientRect();
+      box = {left: Math.max(box.left, q.left), top: Math.max(box.top, q.top),
+             right: Math.min(box.right, q.right), bottom: Math.min(box.bottom, q.bottom)};
+    }
+    return box;
+  };
   const covered = [];
   for (const sel of coveredSelectors) {
     for (const el of document.querySelectorAll(sel)) {
       if (!visible(el)) continue;
       const r = el.getBoundingClientRect();
+      const c = clip(el);
       for (const [fx, fy] of [[0.1, 0.25], [0.5, 0.5], [0.9, 0.25]]) {
         const x = r.left + fx * r.width, y = r.top + fy * r.height;
-        if (y < 0 || y > innerHeight || x < 0 || x > innerWidth) continue;
+        if (y < c.top || y > c.bottom || x < c.left || x > c.right) continue;
         const top = document.elementFromPoint(x, y);
         if (top && !el.contains(top) && !top.contains(el)) covered.push(`${sel} covered by ${top.tagName}.${top.className}`);
       }
@@ -400,7 +424,7 @@ def test_every_tab_fits_the_screen_without_overlaps(open_page: Any, viewport: di
     width = viewport["width"]
     page = open_page(viewport)
     _send(page, "What is a race condition?")
-    expect(_bot(page).last).to_contain_text("According to")
+    _replied(page)
     page.locator("#double-text").get_by_text("Double texting").first.click()
     page.locator("#burst").click()
     expect(page.locator("#outcomes")).to_contain_text("answered")

@@ -102,16 +102,15 @@ def test_gradio_reload_mode_serves_once_on_gradios_port_and_reloads(tmp_path: Pa
         assert http_get(f"http://127.0.0.1:{port}/")[0] == 200
         # Change the file until the watcher reports it (its first scan, which records the times to compare
         # with, may not have happened yet: each attempt waits for the report, a bounded wait).
+        seen: list[str] = []  # every line, also those read by an attempt that then timed out
         for attempt in range(1, 11):
             stamp = time.time() + 10 * attempt
             os.utime(app_dir / "demo_app.py", (stamp, stamp))
-            try:
-                output += read_until(lines, "Changes detected in", timeout=3)
+            if _read_into(seen, lines, "Changes detected in", timeout=3):
                 break
-            except queue.Empty:  # not reported yet: change it again
-                continue
         else:
-            pytest.fail("the watcher never reported the change:\n" + output)
+            pytest.fail("the watcher never reported the change:\n" + output + "".join(seen))
+        output += "".join(seen)
         from gradio_client import Client
 
         client = Client(f"http://127.0.0.1:{port}", verbose=False)
@@ -125,6 +124,20 @@ def test_gradio_reload_mode_serves_once_on_gradios_port_and_reloads(tmp_path: Pa
     assert output.count("chatkit demo running at") == 1, output
     assert "running at None" not in output and "Traceback" not in output and "failed" not in output, output
     assert "--share" in output and "share=True" not in output, output
+
+
+def _read_into(seen: list[str], lines: queue.Queue[str], marker: str, *, timeout: float) -> bool:
+    """Append the process's lines to ``seen`` up to the one holding ``marker`` (``True``), or until no line
+    came for ``timeout`` seconds (``False``; the lines read so far stay in ``seen``)."""
+    while True:
+        try:
+            line = lines.get(timeout=timeout)  # a bounded wait for the next line, not a sleep
+        except queue.Empty:
+            return False
+        assert line, "the process exited:\n" + "".join(seen)
+        seen.append(line)
+        if marker in line:
+            return True
 
 
 def _drain(lines: queue.Queue[str]) -> str:

@@ -300,13 +300,16 @@ def test_command_line_defaults() -> None:
 def test_command_line_options(tmp_path: Path) -> None:
     args = demo_app.parse_args(
         ["--host", "0.0.0.0", "--port", "8000", "--share", "--auth", "ann:s3:cret", "--data", str(tmp_path),
-         "--auth", "bob:pw", "--admin", "ann", "--max-turns", "10", "--session-ttl", "90", "--max-sessions", "7"]
+         "--auth", "bob:pw", "--admin", "ann", "--max-turns", "10", "--session-ttl", "90", "--max-sessions", "7",
+         "--sweep-interval", "5"]
     )
     assert (args.host, args.port, args.share, args.auth, args.data) == (
         "0.0.0.0", 8000, True, [("ann", "s3:cret"), ("bob", "pw")], tmp_path
     )
     config = demo_app.config_from_args(args)
-    assert (config.admins, config.max_turns, config.session_ttl, config.max_sessions) == (frozenset({"ann"}), 10, 90, 7)
+    assert (config.admins, config.max_turns, config.session_ttl, config.max_sessions, config.sweep_interval) == (
+        frozenset({"ann"}), 10, 90, 7, 5
+    )
 
 
 @pytest.mark.parametrize(
@@ -321,6 +324,7 @@ def test_command_line_options(tmp_path: Path) -> None:
         (["--admin", "ann"], "--admin ann: there is no --auth login named 'ann'"),
         (["--auth", "bob:pw", "--admin", "ann"], "--admin ann: there is no --auth login named 'ann'"),
         (["--max-turns", "0"], "max_turns must be >= 1, got 0"),
+        (["--sweep-interval", "0"], "sweep_interval must be > 0 seconds, got 0.0"),
     ],
 )
 def test_bad_command_lines_exit_with_a_message(
