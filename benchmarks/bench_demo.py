@@ -15,8 +15,9 @@ runs in its own process; the simulated clients share this machine's two cores wi
 
 Then the server's memory (its resident set size, RSS, read from ``/proc``), on a server of its own that
 expires conversations after a few idle seconds: after ``--sessions`` short conversations, after they expired,
-after a second round of as many (and its expiry), and after one *maximal* conversation (``--max-turns``
-messages of the longest length the demo accepts) and its expiry. Bounded means: the maximal conversation
+after a second round of as many (and its expiry), after one *maximal* conversation (``--max-turns``
+messages of the longest length the demo accepts) and its expiry, and after three 500 KiB documents were
+added and removed. Bounded means: the maximal conversation
 costs a bounded amount (the turn limit and pruned checkpoints), and the RSS after each expiry stays flat
 (round 2 leaves what round 1 left: nothing per visitor is kept).
 
@@ -259,6 +260,32 @@ def _maximal(url: str, *, turns: int, chars: int) -> None:
         client.close()
 
 
+def _documents(server: DemoServer, *, count: int, kib: int) -> list[tuple[str, float]]:
+    """Add ``count`` documents of ``kib`` KiB (one upload), then remove them one by one; RSS after each."""
+    import tempfile
+
+    from gradio_client import Client, handle_file
+
+    steps = []
+    client = Client(server.url, verbose=False)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            paths = []
+            for i in range(count):
+                path = Path(folder) / f"bench-{i}.md"
+                sentence = f"Document {i} explains how a per-key lock orders the turns of one session. "
+                path.write_text((sentence * (kib * 1024 // len(sentence) + 1))[: kib * 1024 - 16])
+                paths.append(path)
+            client.predict([handle_file(str(p)) for p in paths], api_name="/upload")
+            steps.append((f"{count} documents of {kib} KiB added", server.rss_mb()))
+            for path in paths:
+                client.predict(path.name, api_name="/remove")
+            steps.append((f"{count} documents of {kib} KiB removed", server.rss_mb()))
+    finally:
+        client.close()
+    return steps
+
+
 def run_memory(*, sessions: int, messages: int, max_turns: int, ttl: float) -> MemoryResult:
     """The memory run (hash embeddings, no model latency): RSS after each step; see the module docstring."""
     (port,) = _free_ports(1)
@@ -279,6 +306,7 @@ def run_memory(*, sessions: int, messages: int, max_turns: int, ttl: float) -> M
         steps.append((f"after one maximal session ({max_turns} turns x {MAX_CHARS:,} characters)", server.rss_mb()))
         server.wait_empty()
         steps.append(("maximal session expired", server.rss_mb()))
+        steps.extend(_documents(server, count=3, kib=500))
     finally:
         server.stop()
     return MemoryResult(tuple(steps))

@@ -198,6 +198,7 @@ class DemoHandlers:
             raise UserError(str(exc)) from None
 
     async def _session(self, request: gr.Request | None, session_id: object = None) -> str:
+        self.services.note_ui_loop()
         await self.services.core()
         try:
             if session_id is None:
@@ -244,6 +245,7 @@ class DemoHandlers:
         Returns:
             (the conversation, the session note, the tokens for the browser to keep, a notice).
         """
+        self.services.note_ui_loop()
         await self.services.core()
         binder = self.services.binder
         restored = binder.restore(saved, request)

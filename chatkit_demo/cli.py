@@ -204,6 +204,7 @@ def serve(app: gr.Blocks, args: argparse.Namespace) -> int:
             app.launch(
                 server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
                 prevent_thread_lock=True, show_error=True, max_file_size=4 * config.max_upload_bytes, quiet=True,
+                state_session_capacity=4 * config.max_sessions,  # Gradio's per-browser states, as many as pages
                 **launch_kwargs(),
             )
     except OSError as exc:  # taken between the check and the launch

@@ -139,7 +139,10 @@ class KnowledgeHandlers:
     def _choices(self, infos: Sequence[DocumentInfo], who: Who) -> Any:
         mine = [i.source for i in infos if self._may_change(i, who)]
         label = "Remove a document (admin: any document)" if who.admin else "Remove a document you added"
-        info = None if mine else "Nothing to remove: you can remove only the documents you added."
+        if not mine:
+            info = "Nothing to remove: you can remove only the documents you added."
+        else:  # never None: Gradio reads None as "unchanged" and would keep the line above
+            info = "As an admin you may remove any document." if who.admin else "Only the documents you added are listed."
         return gr.update(choices=mine, value=None, label=label, info=info)
 
     def _view(self, who: Who) -> tuple[str, Any, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import ctypes
 import ctypes.util
@@ -27,6 +28,7 @@ from .tokens import TokenSigner
 
 logger = logging.getLogger("chatkit.demo")
 
+UI_SWEEP_TIMEOUT = 10.0  # seconds the sweep waits for Gradio's loop to forget idle per-browser state
 BUNDLED = "bundled"  # the "added by" of the documents indexed at start-up
 Latency = Callable[[str], float | None | Awaitable[Any]]
 
@@ -86,6 +88,7 @@ class SweepReport:
         pages_dropped: browser pages forgotten after ``session_ttl`` without a visit.
         sessions: conversations alive after the sweep.
         pages: browser pages known after the sweep.
+        ui_states_dropped: Gradio's per-browser states forgotten after ``session_ttl`` without an event.
     """
 
     expired: int
@@ -93,6 +96,7 @@ class SweepReport:
     pages_dropped: int
     sessions: int
     pages: int
+    ui_states_dropped: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -171,6 +175,8 @@ class DemoServices:
             max_pages=4 * self.config.max_sessions, clock=clock,
         )
         self.bundled: dict[str, str] = {}  # the documents of data_dir, for "restore the bundled documents"
+        self._ui_app: Any = None  # the Gradio app served, whose per-browser state the sweep also forgets
+        self._ui_loop: asyncio.AbstractEventLoop | None = None  # the loop its events run on
 
     def __repr__(self) -> str:
         return f"<DemoServices embeddings={self.config.embeddings!r} state={self.status().state!r} pages={len(self.binder)}>"
@@ -328,24 +334,84 @@ class DemoServices:
             except Exception:  # an upkeep bug must not end the upkeep
                 logger.exception("the expiry sweep failed")
                 continue
-            if report.expired or report.pages_dropped:
+            if report.expired or report.pages_dropped or report.ui_states_dropped:
                 logger.info(
-                    "expired %d conversations, forgot %d idle pages; %d conversations, %d pages left",
-                    report.expired, report.pages_dropped, report.sessions, report.pages,
+                    "expired %d conversations, forgot %d idle pages (%d browser states); %d conversations, "
+                    "%d pages left",
+                    report.expired, report.pages_dropped, report.ui_states_dropped, report.sessions, report.pages,
                 )
+
+    # ------------------------------------------------------------------ Gradio's per-browser state
+
+    def attach_ui(self, app: Any) -> None:
+        """The Gradio app that serves these services: the sweep also forgets its per-browser state."""
+        self._ui_app = app
+
+    def note_ui_loop(self) -> None:
+        """Called by the handlers (so on the loop Gradio runs its events on): where to forget its state."""
+        self._ui_loop = asyncio.get_running_loop()
+
+    def forget_idle_ui_states(self, idle: float | None = None) -> int:
+        """Forget Gradio's per-browser state (a copy of the page's configuration, some 140 KB per visitor
+        and API client, which Gradio keeps until 10,000 accumulate) of every browser without an event for
+        ``idle`` seconds (default ``session_ttl``). Must run on the loop Gradio runs its events on (where
+        Gradio creates and reads that state, so none is dropped while an event looks it up). A browser
+        coming back gets a fresh one; the demo keeps nothing there that its tokens can't restore.
+
+        Returns:
+            How many were forgotten.
+        """
+        holder = getattr(self._ui_app, "state_holder", None)
+        data, used = getattr(holder, "session_data", None), getattr(holder, "time_last_used", None)
+        if holder is None or data is None or used is None:
+            return 0
+        cutoff = datetime.datetime.now() - datetime.timedelta(seconds=self.config.session_ttl if idle is None else idle)
+        with holder.lock:
+            stale = [key for key in list(data) if used.get(key, cutoff) <= cutoff]
+            for key in stale:
+                data.pop(key, None)
+                used.pop(key, None)
+        return len(stale)
+
+    async def _forget_ui_states(self) -> int:
+        loop = self._ui_loop
+        if self._ui_app is None or loop is None or loop.is_closed():
+            return 0
+        if loop is asyncio.get_running_loop():
+            return self.forget_idle_ui_states()
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not done.set_running_or_notify_cancel():  # the sweep gave up waiting
+                return
+            try:
+                done.set_result(self.forget_idle_ui_states())
+            except Exception as exc:  # noqa: BLE001 - handed to the sweep, which logs it
+                done.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(run)
+        except RuntimeError:  # that loop closed meanwhile (the server stopped)
+            return 0
+        try:  # a loop that stopped without closing never runs it: the sweep goes on without
+            return await asyncio.wait_for(asyncio.wrap_future(done), timeout=UI_SWEEP_TIMEOUT)
+        except TimeoutError:
+            return 0
 
     async def sweep(self) -> SweepReport:
         """Expire idle conversations (deleting their checkpoints), unbind the pages that held them, forget
-        pages idle longer than ``session_ttl``, and hand the freed memory back to the system."""
+        pages (and Gradio's per-browser state) idle longer than ``session_ttl``, and hand the freed memory
+        back to the system."""
+        ui_dropped = await self._forget_ui_states()
         if not self._core:
-            return SweepReport(0, 0, self.binder.sweep(), 0, len(self.binder))
+            return SweepReport(0, 0, self.binder.sweep(), 0, len(self.binder), ui_dropped)
         expired = await self.manager.expire_idle()
         alive = await self.manager.list_sessions()
         unbound = self.binder.retain(alive)
         dropped = self.binder.sweep()
-        if expired or dropped:
+        if expired or dropped or ui_dropped:
             trim_memory()
-        return SweepReport(len(expired), unbound, dropped, len(alive), len(self.binder))
+        return SweepReport(len(expired), unbound, dropped, len(alive), len(self.binder), ui_dropped)
 
     def close(self) -> None:
         """Stop the background thread (if started), close the session manager and the store. Idempotent."""

@@ -254,4 +254,5 @@ def build_demo(
     blocks.queue(default_concurrency_limit=8, max_size=2048)
     blocks.css = PAGE_CSS  # kept by Gradio's reload mode, which swaps in rebuilt apps without launching them
     blocks.chatkit_services = services  # type: ignore[attr-defined]  # for tests and main()
+    services.attach_ui(blocks)
     return blocks

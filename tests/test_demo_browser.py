@@ -319,6 +319,8 @@ def test_the_knowledge_base_updates_live_for_every_visitor(open_page: Any, tmp_p
     expect(alice.locator("#upload")).not_to_contain_text("penguins.md")  # the box is cleared
     row = alice.locator("#documents tr", has_text="penguins.md")
     expect(row).to_contain_text("you,")
+    expect(alice.locator("#remove-choice")).to_contain_text("Only the documents you added are listed.")
+    expect(alice.locator("#remove-choice")).not_to_contain_text("Nothing to remove")
     bobs_row = bob.locator("#documents tr", has_text="penguins.md")
     expect(bobs_row).to_contain_text("visitor ")  # on bob's page, without a reload: the timer's refresh
     expect(bob.locator("#remove-choice")).to_contain_text("Nothing to remove")  # not his to remove

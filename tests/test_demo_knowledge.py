@@ -60,6 +60,8 @@ async def test_upload_list_search_remove(kb: KnowledgeHandlers, tmp_path: Path) 
     assert str(rows["penguins.md"][1]).startswith("you, ") and rows["snapshots.md"][1] == "bundled"
     assert rows["penguins.md"][2] == version > rows["snapshots.md"][2]
     assert choices["choices"] == ["penguins.md"]  # only her own document can be removed
+    # and the hint says so (None would leave the "Nothing to remove" shown before her upload)
+    assert choices["info"] == "Only the documents you added are listed."
 
     results, note = await kb.search("emperor penguins in winter", 2)
     assert results.count("<tr>") == 3 and "penguins.md · chunk 0" in results  # header + 2 results
@@ -80,7 +82,7 @@ async def test_a_visitor_can_change_only_what_they_added(kb: KnowledgeHandlers, 
     rows = by_name(await kb.rows(bob))
     assert str(rows["penguins.md"][1]).startswith("visitor ")  # bob sees who added it, and when
     _, choices, _ = await kb.documents(None, bob)
-    assert choices["choices"] == []
+    assert choices["choices"] == [] and choices["info"].startswith("Nothing to remove")
     status, *_ = await kb.remove("penguins.md", None, bob)
     assert "you can remove only the documents you added" in status
     status, *_ = await kb.remove("lost-updates.md", None, bob)

@@ -243,6 +243,43 @@ def test_share_offline_keeps_serving(kb_dir: Path) -> None:
     assert "Traceback" not in output, output
 
 
+def test_the_sweep_forgets_gradios_per_browser_state_of_idle_visitors(kb_dir: Path) -> None:
+    """Before: Gradio kept a copy of the page's configuration for every browser and API client that ever
+    sent an event (until 10,000 piled up), so the server's memory grew with every visitor, expired or not
+    (RSS 847 -> 1,195 MB over 1,000 short sessions)."""
+    import datetime
+
+    import chatkit
+
+    app = demo_app.build_demo(fast_config(kb_dir, session_ttl=60.0))
+    services = app.chatkit_services
+    with serve(app) as base:
+        clients = [_client(base) for _ in range(3)]
+        try:
+            for i, client in enumerate(clients):
+                client.predict(f"visitor {i}: what is a lock?", api_name="/chat")
+        finally:
+            for client in clients:
+                client.close()
+        holder = app.state_holder
+        visitors = [key for key in holder.session_data if key in holder.time_last_used]
+        assert len(visitors) >= 3
+        fresh = _client(base)  # an active visitor: kept
+        try:
+            fresh.predict("still here", api_name="/chat")
+            kept = set(holder.session_data) - set(visitors)
+            an_hour_ago = datetime.datetime.now() - datetime.timedelta(hours=1)
+            for key in visitors:  # idle for an hour (longer than session_ttl), without waiting for it
+                holder.time_last_used[key] = an_hour_ago
+            report = chatkit.run(services.sweep())  # from this thread: the forgetting runs on Gradio's loop
+            assert report.ui_states_dropped == len(visitors)
+            assert set(holder.session_data) == kept and kept
+            history, _ = fresh.predict("and again", api_name="/chat")  # unaffected
+            assert [_text(m) for m in history][::2] == ["still here", "and again"]
+        finally:
+            fresh.close()
+
+
 def test_auth_protects_the_api(kb_dir: Path) -> None:
     from gradio_client import Client
 
