@@ -286,6 +286,49 @@ async def test_idle_conversations_expire_and_their_bindings_are_forgotten(make_s
     assert view == [] and "expired after 1 minute without messages" in notice and fresh["session"] is None
 
 
+def _fake_ui(ages: dict[str, float]) -> Any:
+    """A stand-in for a launched Gradio app: its state holder with one state per browser, idle ``ages`` seconds."""
+    import datetime
+    import threading
+    from types import SimpleNamespace
+
+    now = datetime.datetime.now()
+    holder = SimpleNamespace(
+        session_data={key: object() for key in ages},
+        time_last_used={key: now - datetime.timedelta(seconds=age) for key, age in ages.items()},
+        lock=threading.Lock(),
+    )
+    return SimpleNamespace(state_holder=holder)
+
+
+async def test_the_sweep_forgets_gradios_state_of_idle_browsers_only(make_services: Callable[..., DemoServices]) -> None:
+    services = make_services(session_ttl=60.0)
+    app = _fake_ui({"idle": 3600.0, "active": 5.0})
+    services.attach_ui(app)
+    assert (await services.sweep()).ui_states_dropped == 0  # no event seen yet: the loop to use is unknown
+    services.note_ui_loop()  # as the handlers do, on Gradio's loop (here: this one)
+    report = await services.sweep()
+    assert report.ui_states_dropped == 1 and set(app.state_holder.session_data) == {"active"}
+
+
+async def test_a_stopped_gradio_loop_never_holds_up_the_sweep(
+    make_services: Callable[..., DemoServices], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import chatkit_demo.services
+
+    services = make_services(session_ttl=60.0)
+    app = _fake_ui({"idle": 3600.0})
+    services.attach_ui(app)
+    stopped = asyncio.new_event_loop()  # not running, not closed: what it is asked to do never runs
+    try:
+        services._ui_loop = stopped
+        monkeypatch.setattr(chatkit_demo.services, "UI_SWEEP_TIMEOUT", 0.05)
+        report = await services.sweep()
+        assert report.ui_states_dropped == 0 and "idle" in app.state_holder.session_data
+    finally:
+        stopped.close()
+
+
 async def test_the_per_request_bookkeeping_is_empty_between_replies(chat: DemoHandlers, holds: Holds) -> None:
     await send(chat, "one", tab("a"))
     await chat.prepare("HOLD two", None, tab("a"))
