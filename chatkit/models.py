@@ -53,7 +53,17 @@ CONTEXT_INSTRUCTION = (
 _BLOCK = re.compile(r'<context source="(?P<source>[^"]*)">\n(?P<text>.*?)\n</context>', re.DOTALL)
 _WORD = re.compile(r"[a-z0-9]+")
 _CHUNK = re.compile(r"\S+\s*")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+# a sentence ends at . ! or ? (maybe followed by a closing quote or bracket) before whitespace, except after
+# a few abbreviations
+_SENTENCE_END = re.compile(r"(?<!\be\.g\.)(?<!\bi\.e\.)(?<!\betc\.)(?<!\bvs\.)(?<=[.!?])[\"')\]\u201d\u2019]?\s+")
+# ...and a whole one starts with a capital, a digit, a quote, a bracket or inline code
+_WHOLE = re.compile(r"^[\"'(\[\u201c\u2018]?[A-Z0-9`].*[.!?][\"')\]\u201d\u2019]?$", re.DOTALL)
+_HEADING = re.compile(r"^\s{0,3}(#{1,6}\s|={3,}\s*$|-{3,}\s*$|\*{3,}\s*$|\|)")
+_LIST_MARK = re.compile(r"^\s*(?:[-*+]|\d{1,3}[.)])\s+")
+_FENCE = re.compile(r"^\s*(```|~~~)")
+_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
+_EMPHASIS = re.compile(r"(\*\*|__|\*(?=\S)|(?<=\S)\*)")
+_MIN_WORDS = 3  # "Keep the receipt." is a sentence; "Overview." is not
 # small words that say nothing about which chunk answers a question
 _STOPWORDS = frozenset(
     "a an and are as at be by can do does for from has have how i if in is it its me my of on or "
@@ -102,8 +112,61 @@ def parse_context(text: str) -> list[tuple[str, str]]:
     return [(html.unescape(m["source"]), html.unescape(m["text"])) for m in _BLOCK.finditer(text)]
 
 
+def _stem(word: str) -> str:
+    """A crude singular: "updates" and "update" match (enough for picking sentences, not linguistics)."""
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
 def _words(text: str) -> set[str]:
-    return {w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS}
+    return {_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOPWORDS}
+
+
+def _plain(line: str) -> str:
+    """A markdown line as plain text, except inline code: no list marker, emphasis or link targets."""
+    line = _LIST_MARK.sub("", line)
+    line = _LINK.sub(r"\1", line)
+    return _EMPHASIS.sub("", line).strip()
+
+
+def whole_sentences(text: str) -> list[str]:
+    """The complete sentences of a (markdown) chunk, in order, as plain text.
+
+    Headings, rules, table rows and code blocks are left out; list items count as sentences when they are
+    ones. A chunk cut out of a longer text may start or end in the middle of a sentence: such fragments
+    are left out too (a sentence starts with a capital, a digit or a quote, ends with ``.``, ``!`` or ``?``
+    and has at least three words).
+
+    Example:
+        >>> whole_sentences("# Refunds\\n\\nRefunds are paid within **14 days**. Keep the receipt. And the")
+        ['Refunds are paid within 14 days.', 'Keep the receipt.']
+        >>> whole_sentences("ends mid-way. Then a whole one follows here.")
+        ['Then a whole one follows here.']
+    """
+    paragraphs: list[str] = []
+    current: list[str] = []
+    in_code = False
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            in_code = not in_code
+            continue
+        if in_code or _HEADING.match(line) or not line.strip():
+            if current:
+                paragraphs.append(" ".join(current))
+                current = []
+            continue
+        if _LIST_MARK.match(line) and current:  # each list item is a paragraph of its own
+            paragraphs.append(" ".join(current))
+            current = []
+        current.append(_plain(line))
+    if current:
+        paragraphs.append(" ".join(current))
+    sentences: list[str] = []
+    for paragraph in paragraphs:
+        for piece in _SENTENCE_END.split(" ".join(paragraph.split())):
+            piece = piece.strip()
+            if _WHOLE.match(piece) and len(piece.split()) >= _MIN_WORDS:
+                sentences.append(piece.replace("`", ""))
+    return sentences
 
 
 def last_user_text(messages: Sequence[BaseMessage]) -> str:
@@ -120,6 +183,50 @@ def _chunks_in(messages: Sequence[BaseMessage]) -> list[tuple[str, str]]:
         if isinstance(m, SystemMessage):
             chunks.extend(parse_context(m.text))
     return chunks
+
+
+def _extract(asked: set[str], chunks: Sequence[tuple[str, str]]) -> str:
+    """The extractive reply: whole sentences of the chunks that share the most words with the question.
+
+    The best chunk is the one sharing the most words with the question (ties: the better-ranked chunk)
+    among those holding a complete sentence; its best sentence (most shared words; ties: the earlier one)
+    comes first. At most one more sentence follows, from any chunk, if it shares at least two words and
+    at least half as many as the first. Each source is named before its sentence; with no complete
+    sentence in any chunk, the reply says so.
+    """
+    parsed = [(rank, source, text, whole_sentences(text)) for rank, (source, text) in enumerate(chunks)]
+    usable = [c for c in parsed if c[3]]
+    if not usable:
+        return f"The best match is {chunks[0][0]}, but it holds no complete sentence to quote."
+    rank, source, text, sentences = max(usable, key=lambda c: (len(asked & _words(c[2])), -c[0]))
+    first = max(range(len(sentences)), key=lambda i: (len(asked & _words(sentences[i])), -i))
+    shared = len(asked & _words(sentences[first]))
+    picked = [(rank, first, source, sentences[first])]
+    seen = {" ".join(sentences[first].lower().split())}
+    runner_up: tuple[int, int, int, str, str] | None = None  # (-shared, rank, position, source, sentence)
+    for other_rank, other_source, _, other_sentences in usable:
+        for position, sentence in enumerate(other_sentences):
+            key = " ".join(sentence.lower().split())
+            if key in seen:  # overlapping chunks repeat sentences
+                continue
+            n = len(asked & _words(sentence))
+            if n >= max(2, (shared + 1) // 2):
+                candidate = (-n, other_rank, position, other_source, sentence)
+                runner_up = candidate if runner_up is None else min(runner_up, candidate)
+    if runner_up is not None:
+        picked.append((runner_up[1], runner_up[2], runner_up[3], runner_up[4]))
+    # the first sentence's source first; the sentences of one source in reading order
+    picked[1:] = sorted(picked[1:])
+    if len(picked) == 2 and picked[1][2] == picked[0][2] and picked[1][:2] < picked[0][:2]:
+        picked.reverse()
+    parts: list[str] = []
+    named: str | None = None
+    for _, _, name, sentence in picked:
+        if name != named:
+            parts.append(f"According to {name}:" if named is None else f"See also {name}:")
+            named = name
+        parts.append(sentence)
+    return " ".join(parts)
 
 
 def _check_latency(value: Any) -> Any:
@@ -145,7 +252,10 @@ class ExtractiveChatModel(BaseChatModel):
 
     * With context (a system message made by :func:`format_context`), it picks the chunk sharing the most
       words with the user's last message (ties: the better-ranked chunk), answers with that chunk's
-      best-matching sentence and names its source: ``According to faq.md: Refunds take 14 days.``
+      best-matching complete sentence, plus at most one more (from any chunk) that shares at least two
+      words and half as many, and names the source of each:
+      ``According to faq.md: Refunds take 14 days.`` Markdown headings, code, table rows and the
+      fragments of sentences cut at a chunk's edges are never quoted (:func:`whole_sentences`).
     * Without context it quotes the user's message and says which user message of the conversation it is,
       so a reply shows whether the model saw the earlier turns: ``Message 2: you said "hi". ...``
 
@@ -226,12 +336,7 @@ class ExtractiveChatModel(BaseChatModel):
         question = last_user_text(messages)
         chunks = _chunks_in(messages)
         if chunks:
-            asked = _words(question)
-            best = max(range(len(chunks)), key=lambda i: (len(asked & _words(chunks[i][1])), -i))
-            source, text = chunks[best]
-            sentences = [s.strip() for s in _SENTENCE.split(text) if s.strip()] or [text.strip()]
-            sentence = max(sentences, key=lambda s: (len(asked & _words(s)), -sentences.index(s)))
-            reply = f"According to {source}: {sentence}"
+            reply = _extract(_words(question), chunks)
         else:
             turn = sum(isinstance(m, HumanMessage) for m in messages)
             reply = f'Message {turn}: you said "{question}". I found no documents to answer from.'

@@ -8,16 +8,19 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from tests.test_demo_harness import REPO, free_port, http_get, small_kb
+from tests.test_demo_harness import REPO, fast_config, free_port, http_get, small_kb
 from tests.test_packaging import Process, read_until
 
-from chatkit_demo.cli import parse_args
+from chatkit import HashEmbeddings
+from chatkit_demo.cli import PortBusy, check_port, parse_args, serve
 from chatkit_demo.config import DEFAULT_DATA_DIR, bundled_data_dir
 
 
@@ -99,21 +102,20 @@ def test_gradio_reload_mode_serves_once_on_gradios_port_and_reloads(tmp_path: Pa
         assert http_get(f"http://127.0.0.1:{port}/")[0] == 200
         # Change the file until the watcher reports it (its first scan, which records the times to compare
         # with, may not have happened yet: each attempt waits for the report, a bounded wait).
+        seen: list[str] = []  # every line, also those read by an attempt that then timed out
         for attempt in range(1, 11):
             stamp = time.time() + 10 * attempt
             os.utime(app_dir / "demo_app.py", (stamp, stamp))
-            try:
-                output += read_until(lines, "Changes detected in", timeout=3)
+            if _read_into(seen, lines, "Changes detected in", timeout=3):
                 break
-            except queue.Empty:  # not reported yet: change it again
-                continue
         else:
-            pytest.fail("the watcher never reported the change:\n" + output)
+            pytest.fail("the watcher never reported the change:\n" + output + "".join(seen))
+        output += "".join(seen)
         from gradio_client import Client
 
         client = Client(f"http://127.0.0.1:{port}", verbose=False)
         try:
-            history, _, _ = client.predict("What is a lost update?", api_name="/chat")
+            history, _ = client.predict("What is a lost update?", api_name="/chat")
         finally:
             client.close()
         assert "lost-updates.md" in str(history[-1])
@@ -121,6 +123,21 @@ def test_gradio_reload_mode_serves_once_on_gradios_port_and_reloads(tmp_path: Pa
     assert output.count("Loading the knowledge base") == 1, output
     assert output.count("chatkit demo running at") == 1, output
     assert "running at None" not in output and "Traceback" not in output and "failed" not in output, output
+    assert "--share" in output and "share=True" not in output, output
+
+
+def _read_into(seen: list[str], lines: queue.Queue[str], marker: str, *, timeout: float) -> bool:
+    """Append the process's lines to ``seen`` up to the one holding ``marker`` (``True``), or until no line
+    came for ``timeout`` seconds (``False``; the lines read so far stay in ``seen``)."""
+    while True:
+        try:
+            line = lines.get(timeout=timeout)  # a bounded wait for the next line, not a sleep
+        except queue.Empty:
+            return False
+        assert line, "the process exited:\n" + "".join(seen)
+        seen.append(line)
+        if marker in line:
+            return True
 
 
 def _drain(lines: queue.Queue[str]) -> str:
@@ -141,3 +158,67 @@ def test_run_as_a_script_it_needs_no_gradio_reload_machinery() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "GRADIO_SERVER_PORT" in done.stdout and "--embeddings" in done.stdout
+
+
+# ------------------------------------------------------------------------------------------ start-up
+def test_a_busy_port_is_named_in_one_line_before_anything_loads() -> None:
+    """Before: a raw traceback after the knowledge base had loaded, telling the user to set
+    GRADIO_SERVER_PORT."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PortBusy) as info:
+            check_port("127.0.0.1", port)
+        assert str(info.value) == (
+            f"error: cannot listen on 127.0.0.1:{port} (the port is already in use). "
+            f"Choose another port with --port (for example --port {port + 1})."
+        )
+        done = subprocess.run(
+            [sys.executable, str(REPO / "demo_app.py"), "--port", str(port), "--embeddings", "hash"],
+            capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+            check=False,
+        )
+    assert done.returncode == 2
+    assert done.stderr.strip() == str(info.value), done.stderr
+    assert done.stdout == ""  # nothing loaded, nothing launched
+
+
+class _HeldEmbeddings(HashEmbeddings):
+    """Hash embeddings whose first document embedding (the start-up indexing) waits for the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        self.entered.set()
+        if not self.release.wait(timeout=120):
+            raise TimeoutError("the test never released the loading")
+        return super().embed_documents(texts)
+
+
+def test_the_page_answers_while_the_knowledge_base_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: the default start took 38 s before the page answered (the knowledge base loaded first)."""
+    import demo_app
+
+    embeddings = _HeldEmbeddings()
+    kb = small_kb(tmp_path / "kb")
+    services = demo_app.DemoServices(fast_config(kb), embeddings=embeddings)
+    app = demo_app.build_demo(services=services)
+    args = parse_args(["--port", str(free_port()), "--embeddings", "hash", "--data", str(kb)])
+    server = threading.Thread(target=serve, args=(app, args), daemon=True)
+    server.start()
+    try:
+        assert embeddings.entered.wait(120)  # the loading started, after the launch: the server listens
+        status, body = http_get(app.local_url)
+        assert status == 200 and "chatkit demo" in body
+        assert not services.is_ready and services.status().state == "loading"
+    finally:
+        embeddings.release.set()
+        app.close()
+        server.join(60)
+    output = capsys.readouterr().out
+    assert output.index("Loading the knowledge base") < output.index("chatkit demo running at")
+    assert "restart with --share --auth USER:PASS" in output and "share=True" not in output

@@ -54,13 +54,16 @@ def fast_config(data_dir: Path | None, **overrides: object):  # -> demo_app.Demo
 
 @contextlib.contextmanager
 def serve(app, *, attempts: int = 5) -> Iterator[str]:  # app: gr.Blocks
-    """Launch ``app`` on 127.0.0.1 (a free port, retried if taken meanwhile); yield its URL; close it."""
+    """Launch ``app`` on 127.0.0.1 (a free port, retried if taken meanwhile) with the page's CSS; yield its
+    URL; close it and its services."""
+    from chatkit_demo.ui import launch_kwargs
+
     last: OSError | None = None
     for _ in range(attempts):
         try:
             app.launch(
                 server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                show_error=True,
+                show_error=True, **launch_kwargs(),
             )
             break
         except OSError as exc:  # the port was taken between free_port() and launch()
@@ -71,6 +74,9 @@ def serve(app, *, attempts: int = 5) -> Iterator[str]:  # app: gr.Blocks
         yield app.local_url.rstrip("/")
     finally:
         app.close()
+        services = getattr(app, "chatkit_services", None)
+        if services is not None:
+            services.close()
 
 
 def http_get(url: str, *, timeout: float = 30.0) -> tuple[int, str]:

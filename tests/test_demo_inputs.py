@@ -1,4 +1,5 @@
-"""The demo's input checks, session binding, configuration and command line (no server, no model)."""
+"""The demo's input checks, session binding and signed tokens, configuration and command line (no server,
+no model)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import gradio as gr
 import pytest
 
 import demo_app
+from chatkit_demo.tokens import TokenSigner
 from demo_app import DemoConfig, SessionBinder, UploadRejected, read_upload, validate_message
 
 
@@ -70,15 +72,15 @@ def test_read_upload_rejects_bad_files_with_a_clear_message(
 # ------------------------------------------------------------------------------------------- binding
 def _counter() -> object:
     n = iter(range(10_000))
-    return lambda: f"session-{next(n)}"
+    return lambda: f"session-{next(n):08d}"
 
 
 async def test_each_browser_session_gets_its_own_chat_session() -> None:
     binder = SessionBinder(create=_counter())
     a, b = gr.Request(session_hash="hash-a"), gr.Request(session_hash="hash-b")
-    assert await binder.session_for(a) == await binder.session_for(a) == "session-0"
-    assert await binder.session_for(b) == "session-1"
-    assert binder.check("session-0", a) == "session-0"
+    assert await binder.session_for(a) == await binder.session_for(a) == "session-00000000"
+    assert await binder.session_for(b) == "session-00000001"
+    assert binder.check("session-00000000", a) == "session-00000000"
     assert len(binder) == 2
 
 
@@ -92,7 +94,7 @@ async def test_login_name_is_part_of_the_binding() -> None:
         binder.check(sid, mallory)
 
 
-@pytest.mark.parametrize("foreign", ["session-0", "session-999", "", None, 42, "x" * 10_000])
+@pytest.mark.parametrize("foreign", ["session-00000000", "session-00000999", "", None, 42, "x" * 10_000])
 async def test_foreign_unknown_or_malformed_ids_are_refused_alike(foreign: object) -> None:
     binder = SessionBinder(create=_counter())
     await binder.session_for(gr.Request(session_hash="owner"))
@@ -145,6 +147,115 @@ async def test_release_unbinds_so_the_old_id_is_refused() -> None:
     assert len(binder) == 0
 
 
+# ----------------------------------------------------------------------------- tokens a browser keeps
+KEY = b"k" * 32
+
+
+async def test_a_reload_claims_the_conversation_back_with_its_signed_token() -> None:
+    binder = SessionBinder(create=_counter(), signer=TokenSigner(KEY))
+    before = gr.Request(session_hash="page-1")
+    sid = await binder.session_for(before)
+    saved = binder.saved(before)
+    assert sid not in str(saved["session"]).split(".")[1:]  # the id travels signed, never alone
+    visitor = binder.visitor(before)
+    binder.release(before)  # the reload unloads the old page
+    after = gr.Request(session_hash="page-2")
+    restored = binder.restore(saved, after)
+    assert (restored.session, restored.visitor, restored.refused) == (sid, visitor, False)
+    assert binder.check(sid, after) == sid
+
+
+def _forgeries(signer: TokenSigner, sid: str) -> dict[str, object]:
+    token = signer.sign("session", sid, user=None)
+    value, mac = token.split(".")
+    other = TokenSigner(b"o" * 32)
+    return {
+        "raw id (what the demo kept before)": sid,
+        "altered mac": f"{value}.{mac[:-2]}AA",
+        "another id, the same mac": f"{'A' * len(value)}.{mac}",
+        "a visitor token": signer.sign("visitor", sid, user=None),
+        "another login's token": signer.sign("session", sid, user="mallory"),
+        "another server's token": other.sign("session", sid, user=None),
+        "not a string": 12345,
+        "huge": "x" * 100_000,
+    }
+
+
+@pytest.mark.parametrize("kind", list(_forgeries(TokenSigner(KEY), "s" * 22)))
+async def test_forged_or_foreign_tokens_are_refused_and_bind_nothing(kind: str) -> None:
+    """A visitor who copies, alters or invents a token gets nothing: the page stays without a session and
+    the victim's session id is refused for it."""
+    signer = TokenSigner(KEY)
+    binder = SessionBinder(create=lambda: "v" * 22, signer=signer)
+    victim = gr.Request(session_hash="victim")
+    sid = await binder.session_for(victim)
+    forged = _forgeries(signer, sid)[kind]
+    intruder = gr.Request(session_hash="intruder")
+    restored = binder.restore({"session": forged, "visitor": None}, intruder)
+    assert restored.session is None and restored.refused
+    with pytest.raises(PermissionError, match="does not belong to this browser session"):
+        binder.check(sid, intruder)
+
+
+async def test_a_token_is_valid_only_for_the_login_it_was_issued_to() -> None:
+    binder = SessionBinder(create=lambda: "a" * 22, signer=TokenSigner(KEY))
+    alice = gr.Request(session_hash="shared-pc", username="alice")
+    sid = await binder.session_for(alice)
+    saved = binder.saved(alice)
+    bob = gr.Request(session_hash="shared-pc-later", username="bob")  # the next student on the same browser
+    restored = binder.restore(saved, bob)
+    assert restored.session is None and restored.refused
+    assert restored.visitor != binder.visitor(alice)
+    assert binder.restore(saved, gr.Request(session_hash="alice-again", username="alice")).session == sid
+
+
+def test_token_signer_refuses_short_keys_and_unsignable_values() -> None:
+    with pytest.raises(ValueError, match="at least 16 bytes, got 5"):
+        TokenSigner(b"short")
+    with pytest.raises(ValueError, match="url-safe ids"):
+        TokenSigner(KEY).sign("session", "has.a.dot.in.it.and.more", user=None)
+    assert "kkkk" not in repr(TokenSigner(KEY))
+
+
+# ----------------------------------------------------------------------------------- bounded memory
+async def test_the_binder_keeps_at_most_max_pages_least_recently_seen_first() -> None:
+    binder = SessionBinder(create=_counter(), max_pages=3)
+    pages = [gr.Request(session_hash=f"p{i}") for i in range(5)]
+    for page in pages[:3]:
+        await binder.session_for(page)
+    binder.visitor(pages[0])  # seen again: p1 is now the least recently seen
+    for page in pages[3:]:
+        await binder.session_for(page)
+    assert len(binder) == 3
+    assert binder.peek(pages[0]) is not None and binder.peek(pages[1]) is None and binder.peek(pages[2]) is None
+
+
+async def test_sweep_forgets_idle_pages_and_retain_unbinds_expired_sessions(fake_clock) -> None:  # noqa: ANN001
+    binder = SessionBinder(create=_counter(), ttl=60.0, clock=fake_clock)
+    idle, busy = gr.Request(session_hash="idle"), gr.Request(session_hash="busy")
+    idle_sid = await binder.session_for(idle)
+    await fake_clock.advance_and_settle(30)
+    busy_sid = await binder.session_for(busy)
+    await fake_clock.advance_and_settle(31)
+    assert binder.sweep() == 1 and len(binder) == 1  # idle: 61 s without a visit
+    assert binder.peek(busy) == busy_sid
+    assert binder.retain([]) == 1  # the manager says busy's session expired meanwhile
+    assert binder.peek(busy) is None
+    assert idle_sid != busy_sid
+
+
+async def test_the_outbox_holds_one_message_until_a_reply_takes_it(fake_clock) -> None:  # noqa: ANN001
+    binder = SessionBinder(create=_counter(), clock=fake_clock)
+    page = gr.Request(session_hash="page")
+    assert binder.post(page, "first", busy=lambda: False)
+    assert not binder.post(page, "second", busy=lambda: False)  # the first waits for its reply event
+    assert binder.take(page) == "first" and binder.take(page) is None
+    assert not binder.post(page, "third", busy=lambda: True)  # a reply is being written
+    assert binder.post(page, "fourth", busy=lambda: False)
+    await fake_clock.advance_and_settle(61)  # its reply event never came (the tab closed): stale
+    assert binder.post(page, "fifth", busy=lambda: False) and binder.take(page) == "fifth"
+
+
 # -------------------------------------------------------------------------------------------- config
 @pytest.mark.parametrize(
     ("kwargs", "message"),
@@ -154,6 +265,10 @@ async def test_release_unbinds_so_the_old_id_is_refused() -> None:
         ({"latency": float("nan")}, "latency must be >= 0 seconds, got nan"),
         ({"max_message_chars": 0}, "max_message_chars must be >= 1, got 0"),
         ({"max_upload_bytes": -5}, "max_upload_bytes must be >= 1, got -5"),
+        ({"max_turns": 0}, "max_turns must be >= 1, got 0"),
+        ({"session_ttl": 0}, "session_ttl must be > 0 seconds, got 0"),
+        ({"max_documents": 0}, "max_documents must be >= 1, got 0"),
+        ({"secret_key": b"short"}, "secret_key must have at least 16 bytes, got 5"),
     ],
 )
 def test_bad_config_is_refused(kwargs: dict[str, object], message: str) -> None:
@@ -169,6 +284,10 @@ def test_config_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     assert (config.embeddings, config.data_dir, config.latency) == ("hash", tmp_path, 0.25)
     monkeypatch.setenv("CHATKIT_DEMO_DATA", "-")
     assert DemoConfig.from_env().data_dir is None
+    monkeypatch.setenv("CHATKIT_DEMO_SECRET", "a-key-the-operator-keeps")
+    config = DemoConfig.from_env()
+    assert config.secret_key == b"a-key-the-operator-keeps"
+    assert "operator" not in repr(config)  # never printed
 
 
 # ------------------------------------------------------------------------------------- command line
@@ -180,10 +299,16 @@ def test_command_line_defaults() -> None:
 
 def test_command_line_options(tmp_path: Path) -> None:
     args = demo_app.parse_args(
-        ["--host", "0.0.0.0", "--port", "8000", "--share", "--auth", "ann:s3:cret", "--data", str(tmp_path)]
+        ["--host", "0.0.0.0", "--port", "8000", "--share", "--auth", "ann:s3:cret", "--data", str(tmp_path),
+         "--auth", "bob:pw", "--admin", "ann", "--max-turns", "10", "--session-ttl", "90", "--max-sessions", "7",
+         "--sweep-interval", "5"]
     )
     assert (args.host, args.port, args.share, args.auth, args.data) == (
-        "0.0.0.0", 8000, True, ("ann", "s3:cret"), tmp_path
+        "0.0.0.0", 8000, True, [("ann", "s3:cret"), ("bob", "pw")], tmp_path
+    )
+    config = demo_app.config_from_args(args)
+    assert (config.admins, config.max_turns, config.session_ttl, config.max_sessions, config.sweep_interval) == (
+        frozenset({"ann"}), 10, 90, 7, 5
     )
 
 
@@ -196,6 +321,10 @@ def test_command_line_options(tmp_path: Path) -> None:
         (["--data", "/no/such/dir"], "--data /no/such/dir is not a directory"),
         (["--model", "/no/such/model"], "--model /no/such/model is not a directory"),
         (["--embeddings", "bert"], "invalid choice"),
+        (["--admin", "ann"], "--admin ann: there is no --auth login named 'ann'"),
+        (["--auth", "bob:pw", "--admin", "ann"], "--admin ann: there is no --auth login named 'ann'"),
+        (["--max-turns", "0"], "max_turns must be >= 1, got 0"),
+        (["--sweep-interval", "0"], "sweep_interval must be > 0 seconds, got 0.0"),
     ],
 )
 def test_bad_command_lines_exit_with_a_message(

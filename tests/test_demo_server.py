@@ -86,12 +86,11 @@ def test_many_users_with_bursts_keep_exact_histories(url: str) -> None:
 def test_chat_endpoint_returns_history_with_sources(url: str) -> None:
     client = _client(url)
     try:
-        history, sources, box = client.predict("What is a lost update?", api_name="/chat")
-        assert box == ""
+        history, sources = client.predict("What is a lost update?", api_name="/chat")
         assert [m["role"] for m in history] == ["user", "assistant"]
         assert _text(history[0]) == "What is a lost update?"
         assert "lost-updates.md" in sources
-        history, _, _ = client.predict("And a snapshot?", api_name="/chat")
+        history, _ = client.predict("And a snapshot?", api_name="/chat")
         assert [_text(m) for m in history][::2] == ["What is a lost update?", "And a snapshot?"]
     finally:
         client.close()
@@ -108,7 +107,7 @@ def test_a_users_session_id_is_refused_for_another(url: str) -> None:
         with pytest.raises(_app_error(), match="does not belong to this browser session"):
             mallory.predict(alice_id, "overwrite it", api_name="/send")
         assert alice.predict(alice_id, api_name="/history") == before
-        mallory_history, _, _ = mallory.predict("what is my secret?", api_name="/chat")
+        mallory_history, _ = mallory.predict("what is my secret?", api_name="/chat")
         assert all("42" not in _text(m) for m in mallory_history)
     finally:
         alice.close()
@@ -142,14 +141,29 @@ def test_upload_then_search_finds_the_new_document(url: str, tmp_path: Path) -> 
     client = _client(url)
     try:
         before = client.predict(api_name="/documents")
-        status, table, _choices = client.predict([handle_file(str(doc)), handle_file(str(bad))], api_name="/upload")
+        status, table = client.predict([handle_file(str(doc)), handle_file(str(bad))], api_name="/upload")
         assert "penguins.md" in status and "not valid UTF-8" in status
-        rows = {row[0]: row for row in table["data"]}
+        rows = {row[0]: row for row in table}
         assert "penguins.md" in rows and "notes.txt" not in rows
+        assert rows["penguins.md"][1].startswith("you, ")
         assert {r[0] for r in before} <= set(rows)  # nothing already stored was lost
         results, note = client.predict("emperor penguins antarctic winter", 3, api_name="/search")
-        assert results["data"][0][0] == "penguins.md"
+        assert results[0][0] == "penguins.md · chunk 0"
         assert f"snapshot **version {rows['penguins.md'][2]}**" in note
+        status, table = client.predict("penguins.md", api_name="/remove")
+        assert status.startswith("**Removed** `penguins.md`") and "penguins.md" not in {r[0] for r in table}
+    finally:
+        client.close()
+
+
+def test_remove_from_a_client_that_never_loaded_the_page_gets_a_clear_message(url: str) -> None:
+    """Before: "Value: X is not in the list of choices: []" (the dropdown's check, for a page never loaded)."""
+    client = _client(url)
+    try:
+        with pytest.raises(_app_error(), match="`nope.md` is not in the knowledge base"):
+            client.predict("nope.md", api_name="/remove")
+        with pytest.raises(_app_error(), match="`snapshots.md` is a bundled document: you can remove only"):
+            client.predict("snapshots.md", api_name="/remove")
     finally:
         client.close()
 
@@ -158,10 +172,10 @@ def test_race_lab_through_the_api(url: str) -> None:
     client = _client(url)
     try:
         label = next(k for k, v in demo_app.EXPERIMENTS.items() if v == "checkpointer_race")
-        _plot, naive, summary = client.predict(label, 3, False, api_name="/race_lab")
-        assert naive["data"] and "anomalies" in summary
-        _plot, fixed, summary = client.predict(label, 3, True, api_name="/race_lab")
-        assert fixed["data"] in ([], [["", "", ""]]) or not any(any(c for c in r) for r in fixed["data"])
+        naive, summary = client.predict(label, 3, False, api_name="/race_lab")
+        assert naive and "anomalies" in summary
+        fixed, summary = client.predict(label, 3, True, api_name="/race_lab")
+        assert fixed == []
         assert "no anomalies" in summary
     finally:
         client.close()
@@ -197,12 +211,18 @@ def test_share_offline_keeps_serving(kb_dir: Path) -> None:
         output = "".join(seen)
         assert "WARNING: --share without --auth" in output
         assert "no public share link could be made" in output or "Public link:" in output
+        assert "share=True" not in output and "Could not create share link" not in output  # Gradio's launch() hints
         assert proc.poll() is None
         status, body = http_get(f"http://127.0.0.1:{port}/")
         assert status == 200 and "chatkit demo" in body
         client = _client(f"http://127.0.0.1:{port}")
         try:
-            history, _, _ = client.predict("still there?", api_name="/chat")
+            # expected bad input: each a clear error for the client, none a traceback in the server's log
+            for args, api_name in ((("   ",), "/chat"), (("",  4), "/search"), (("nope.md",), "/remove"),
+                                   (([],), "/upload"), (("x", "y"), "/history")):
+                with pytest.raises(_app_error()):
+                    client.predict(*args, api_name=api_name)
+            history, _ = client.predict("still there?", api_name="/chat")
             assert _text(history[0]) == "still there?"
         finally:
             client.close()
@@ -216,6 +236,48 @@ def test_share_offline_keeps_serving(kb_dir: Path) -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+    rest = []
+    while (line := lines.get(timeout=30)) != "":  # everything it printed, up to its end
+        rest.append(line)
+    output = "".join(seen + rest)
+    assert "Traceback" not in output, output
+
+
+def test_the_sweep_forgets_gradios_per_browser_state_of_idle_visitors(kb_dir: Path) -> None:
+    """Before: Gradio kept a copy of the page's configuration for every browser and API client that ever
+    sent an event (until 10,000 piled up), so the server's memory grew with every visitor, expired or not
+    (RSS 847 -> 1,195 MB over 1,000 short sessions)."""
+    import datetime
+
+    import chatkit
+
+    app = demo_app.build_demo(fast_config(kb_dir, session_ttl=60.0))
+    services = app.chatkit_services
+    with serve(app) as base:
+        clients = [_client(base) for _ in range(3)]
+        try:
+            for i, client in enumerate(clients):
+                client.predict(f"visitor {i}: what is a lock?", api_name="/chat")
+        finally:
+            for client in clients:
+                client.close()
+        holder = app.state_holder
+        visitors = [key for key in holder.session_data if key in holder.time_last_used]
+        assert len(visitors) >= 3
+        fresh = _client(base)  # an active visitor: kept
+        try:
+            fresh.predict("still here", api_name="/chat")
+            kept = set(holder.session_data) - set(visitors)
+            an_hour_ago = datetime.datetime.now() - datetime.timedelta(hours=1)
+            for key in visitors:  # idle for an hour (longer than session_ttl), without waiting for it
+                holder.time_last_used[key] = an_hour_ago
+            report = chatkit.run(services.sweep())  # from this thread: the forgetting runs on Gradio's loop
+            assert report.ui_states_dropped == len(visitors)
+            assert set(holder.session_data) == kept and kept
+            history, _ = fresh.predict("and again", api_name="/chat")  # unaffected
+            assert [_text(m) for m in history][::2] == ["still here", "and again"]
+        finally:
+            fresh.close()
 
 
 def test_auth_protects_the_api(kb_dir: Path) -> None:
@@ -224,15 +286,16 @@ def test_auth_protects_the_api(kb_dir: Path) -> None:
     app = demo_app.build_demo(fast_config(kb_dir))
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               auth=("ann", "pw"))
+               auth=[("ann", "pw")])
     try:
         with pytest.raises(Exception):  # noqa: B017,PT011 - gradio_client raises different types by version
             Client(f"http://127.0.0.1:{port}", verbose=False)
         client = Client(f"http://127.0.0.1:{port}", auth=("ann", "pw"), verbose=False)
         try:
-            history, _, _ = client.predict("hello", api_name="/chat")
+            history, _ = client.predict("hello", api_name="/chat")
             assert _text(history[0]) == "hello"
         finally:
             client.close()
     finally:
         app.close()
+        app.chatkit_services.close()

@@ -50,6 +50,51 @@ def test_ties_go_to_the_better_ranked_chunk() -> None:
     assert ask(ExtractiveChatModel(), "Tell me everything", DOCS).startswith("According to shipping.md:")
 
 
+MARKDOWN = Document(
+    "# Double Texting in Chat Apps\n\n"
+    '"Double texting" is the name for a user sending a second message before the first was answered. '
+    "People do it all the time.\n\n## What goes wrong\n\n"
+    "- **Lost turns**: both runs load the same history; one exchange vanishes.\n"
+    "```python\nawait chat(double, texting)\n```\n"
+    "| double | texting |\n|---|---|\n"
+    "Then the second run of the double texting story is cut",
+    metadata={"source": "double-texting.md"},
+)
+
+
+def test_never_answers_with_a_heading_or_a_markdown_fragment() -> None:
+    """The demo's reply to "What is double texting?" was the heading "# Double Texting in Chat Apps"."""
+    reply = ask(ExtractiveChatModel(), "What is double texting?", [MARKDOWN])
+    assert reply.startswith('According to double-texting.md: "Double texting" is the name for a user sending')
+    for fragment in ("#", "**", "```", "|", "- ", "is cut"):
+        assert fragment not in reply
+
+
+def test_sentences_cut_at_a_chunks_edges_are_not_quoted() -> None:
+    chunk = Document("the first one started in the previous chunk. Locks serialize the turns of a session. And the", metadata={"source": "locks.md"})
+    assert ask(ExtractiveChatModel(), "What do locks serialize?", [chunk]) == (
+        "According to locks.md: Locks serialize the turns of a session."
+    )
+
+
+def test_a_second_matching_sentence_names_its_own_source() -> None:
+    docs = [
+        Document("Refunds are paid within 14 days. Keep the receipt.", metadata={"source": "refunds.md"}),
+        Document("Refunds of sale items are paid as vouchers.", metadata={"source": "sales.md"}),
+    ]
+    assert ask(ExtractiveChatModel(), "How are refunds paid?", docs) == (
+        "According to refunds.md: Refunds are paid within 14 days. See also sales.md: Refunds of sale items are "
+        "paid as vouchers."
+    )
+
+
+def test_without_a_complete_sentence_it_says_so() -> None:
+    docs = [Document("# Only a heading\n\n```\ncode()\n```", metadata={"source": "code.md"})]
+    assert ask(ExtractiveChatModel(), "code?", docs) == (
+        "The best match is code.md, but it holds no complete sentence to quote."
+    )
+
+
 def test_without_context_it_quotes_the_message_and_counts_the_turns() -> None:
     model = ExtractiveChatModel()
     history = [HumanMessage("hi"), AIMessage("hello"), HumanMessage("And now?")]
