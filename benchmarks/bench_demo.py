@@ -121,7 +121,11 @@ def run_load(url: str, *, users: int, messages: int, label: str) -> LoadResult:
         client = clients[u]
         sent: list[str] = []
         replies: list[str] = []
-        session_id = client.predict(api_name="/my_session")  # warm up: the first call fetches the API info
+        try:
+            session_id = client.predict(api_name="/my_session")  # warm up: the first call fetches the API info
+        except BaseException:
+            start_line.abort()  # the others must not wait at the start line for a user who will never come
+            raise
         start_line.wait()
         for i in range(messages):
             text = f"User {u} message {i}: how does a per-key lock prevent a lost update?"
@@ -176,7 +180,10 @@ class DemoServer:
         self._lines.put("")
 
     def wait_ready(self, timeout: float = 300.0) -> str:
+        """Wait until the page answers *and* the knowledge base is indexed (the page answers first and
+        shows a loading state; a load started before indexing ends would time the indexing, not the chat)."""
         seen: list[str] = []
+        running = indexed = False
         while True:
             try:
                 line = self._lines.get(timeout=timeout)
@@ -185,7 +192,9 @@ class DemoServer:
             if not line:
                 raise RuntimeError("the demo exited:\n" + "".join(seen))
             seen.append(line)
-            if "chatkit demo running at" in line:
+            running = running or "chatkit demo running at" in line
+            indexed = indexed or "demo ready:" in line
+            if running and indexed:
                 return self.url
 
     def rss_mb(self) -> float:

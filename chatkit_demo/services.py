@@ -164,6 +164,7 @@ class DemoServices:
         self._ready = False
         self._error: str | None = None
         self._started = False
+        self._start_guard = threading.Lock()  # start() may be called from several threads at once
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -295,7 +296,7 @@ class DemoServices:
 
         Returns at once; idempotent. A loading error is logged (one line) and shown by :meth:`status`.
         """
-        with threading.Lock():
+        with self._start_guard:
             if self._started:
                 return
             self._started = True
