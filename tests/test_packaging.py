@@ -320,21 +320,25 @@ def test_the_demo_command_from_the_installed_wheel(core_venv: Venv, dist: Dist, 
     port = free_port()
     argv = [str(core_venv.root / "bin" / "chatkit-demo"), "--host", "127.0.0.1", "--port", str(port), "--embeddings", "hash"]
     with Process(argv, env=core_venv.env, cwd=core_venv.root) as lines:
-        seen = read_until(lines, "chatkit demo running at")
+        # The page answers first and indexes in the background: the two lines come in either order.
+        seen = read_until(lines, "chatkit demo running at", "demo ready:")
         assert f"Loading the knowledge base from {site}/chatkit_demo/data (hash embeddings)" in seen
         assert f"demo ready: {len(documents)} documents indexed" in seen
         status, body = http_get(f"http://127.0.0.1:{port}/")
         assert status == 200 and "chatkit demo" in body
 
 
-def read_until(lines: queue.Queue[str], marker: str, *, timeout: float = 300.0) -> str:
-    """The process's output up to the line holding ``marker`` (each line waited for at most ``timeout``)."""
+def read_until(lines: queue.Queue[str], *markers: str, timeout: float = 300.0) -> str:
+    """The process's output up to the first point where every one of ``markers`` has appeared on a line
+    (each line waited for at most ``timeout``)."""
     seen: list[str] = []
+    missing = set(markers)
     while True:
         line = lines.get(timeout=timeout)  # a bounded wait for the next line, not a sleep
         assert line, "the process exited:\n" + "".join(seen)
         seen.append(line)
-        if marker in line:
+        missing = {m for m in missing if m not in line}
+        if not missing:
             return "".join(seen)
 
 
