@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -38,6 +39,34 @@ async def locks(redis_url: str) -> AsyncIterator[Callable[..., RedisKeyedLock]]:
     yield make
     for lock in made:
         await lock.aclose()
+
+
+def stall_past_lease(url: str, namespace: str) -> None:
+    """Block this thread, and with it the event loop running here (no lease renewal, no await), until Redis
+    has expired a ticket of ``namespace``: a stand-in for a process paused past its lease. It waits for
+    the expiry itself (Redis's keyspace notification), never for a guessed span of time."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    previous = client.config_get("notify-keyspace-events").get("notify-keyspace-events", "")
+    client.config_set("notify-keyspace-events", "Ex")
+    pubsub = client.pubsub()
+    try:
+        pubsub.psubscribe("__keyevent@*__:expired")
+        prefix = f"{namespace}:t:"
+        if not any(True for _ in client.scan_iter(f"{prefix}*")):
+            return  # already expired before we listened
+        deadline = time.monotonic() + WAIT
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no ticket of {namespace} expired within {WAIT:g} s"
+            message = pubsub.get_message(timeout=remaining)  # blocks until a notification comes
+            if message and message["type"] == "pmessage" and message["data"].decode().startswith(prefix):
+                return
+    finally:
+        pubsub.close()
+        client.config_set("notify-keyspace-events", previous)
+        client.close()
 
 
 async def _redis(url: str) -> Any:
@@ -192,38 +221,35 @@ async def test_holder_whose_ticket_vanished_is_cancelled_and_told(
         pass
 
 
-async def test_holder_that_cannot_renew_in_time_is_told(locks: Callable[..., RedisKeyedLock]) -> None:
+async def test_holder_that_cannot_renew_in_time_is_told(locks: Callable[..., RedisKeyedLock], redis_url: str) -> None:
     """A holder that blocks its own event loop past its lease is told once it runs again."""
     lock = locks(lease=0.2)
-    import time
 
     with pytest.raises(LockLost, match="lost the lock on key 'k'") as caught:
         async with lock("k"):
-            time.sleep(0.3)  # the event loop (and the renewal) is stuck: a stand-in for a paused process
+            stall_past_lease(redis_url, lock.namespace)  # the event loop (and the renewal) is stuck
             await asyncio.Event().wait()  # would run forever if not told
     assert caught.value.held
 
 
 async def test_holder_that_finishes_after_its_lease_ran_out_is_told_at_the_end(
-    locks: Callable[..., RedisKeyedLock],
+    locks: Callable[..., RedisKeyedLock], redis_url: str
 ) -> None:
     lock = locks(lease=0.2)
-    import time
 
     with pytest.raises(LockLost, match="before its block ended"):
         async with lock("k"):
-            time.sleep(0.3)  # stuck past the lease, then done without awaiting anything
+            stall_past_lease(redis_url, lock.namespace)  # stuck past the lease, then done without awaiting
 
 
 async def test_lost_holder_cancelled_by_someone_else_too_stays_cancelled(
-    locks: Callable[..., RedisKeyedLock],
+    locks: Callable[..., RedisKeyedLock], redis_url: str
 ) -> None:
     lock = locks(lease=0.2)
-    import time
 
     async def holder() -> None:
         async with lock("k"):
-            time.sleep(0.3)
+            stall_past_lease(redis_url, lock.namespace)
             asyncio.current_task().cancel()  # type: ignore[union-attr]  # an outside cancellation as well
             await asyncio.sleep(0)
 

@@ -7,7 +7,6 @@ import asyncio
 import copy
 import pickle
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -139,14 +138,22 @@ def test_close_waits_for_a_running_background_merge_and_starts_no_other(monkeypa
     store.add_texts(["b"])  # two segments of one tier: the background compactor starts merging
     assert gates.entered["merge"].wait(GATE_TIMEOUT)
 
+    closing = threading.Event()
+    close_publisher = store._pub.close
+
+    def close_publisher_seen(*args: Any, **kwargs: Any) -> Any:
+        closing.set()
+        return close_publisher(*args, **kwargs)
+
+    monkeypatch.setattr(store._pub, "close", close_publisher_seen)
+
     def close() -> None:
         store.close()
         order.append("closed")
 
     closer = threading.Thread(target=close)
     closer.start()
-    while not store.closed:  # close() has begun (a close that did not wait would return about now)
-        time.sleep(0)
+    assert closing.wait(GATE_TIMEOUT)  # close() has begun (a close that did not wait would return about now)
     gates.open()
     closer.join(GATE_TIMEOUT)
     assert order == ["merged", "closed"] and threads_of(before) == []
