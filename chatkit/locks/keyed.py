@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import math
 import sys
 import threading
@@ -51,6 +50,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
 from ..errors import LockQueueFull, LockTimeout
+from ._observers import emit, with_observer, without_observer
 from .owner import cache as _owner_cache
 from .owner import current_owner as _current_owner
 from .owner import current_tasks as _current_tasks
@@ -59,7 +59,6 @@ from .owner import plain_task_type as _PlainTask
 
 __all__ = ["KeyedLock", "LockEvent", "LockStatistics", "KeyStatistics"]
 
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -527,10 +526,8 @@ class KeyedLock:
         Observers run outside the lock's internal guard, on the thread where the event happened; an
         exception in an observer is logged and otherwise ignored. Without observers, events cost nothing.
         """
-        if not callable(observer):
-            raise TypeError(f"observer must be callable, got {observer!r}")
         with self._guard:
-            self._observers = (*self._observers, observer)
+            self._observers = with_observer(self._observers, observer)
             self._fast = False
 
     def remove_observer(self, observer: Callable[[LockEvent], object]) -> None:
@@ -540,13 +537,8 @@ class KeyedLock:
             ValueError: it was not added.
         """
         with self._guard:
-            obs = list(self._observers)
-            try:
-                obs.remove(observer)
-            except ValueError:
-                raise ValueError(f"{observer!r} is not an observer of this lock") from None
-            self._observers = tuple(obs)
-            self._fast = not obs and self._max_hold is None and _GIL
+            self._observers = without_observer(self._observers, observer)
+            self._fast = not self._observers and self._max_hold is None and _GIL
 
     # ----------------------------------------------------------------- internals (guard held unless noted)
 
@@ -562,12 +554,7 @@ class KeyedLock:
 
     def _emit(self, events: list[LockEvent]) -> None:
         """Deliver events to the observers (guard NOT held)."""
-        for observer in self._observers:
-            for event in events:
-                try:
-                    observer(event)
-                except Exception:  # an observer must never break locking
-                    logger.exception("KeyedLock observer %r failed on %r", observer, event)
+        emit(self._observers, events, self)
 
     def _state(self, key: Hashable) -> _KeyState:
         """The key's state, created (for an idle key) or upgraded (from an uncontended holder) as needed."""

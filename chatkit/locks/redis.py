@@ -41,6 +41,7 @@ from .._optional import optional_import
 from ..errors import LockLost, LockServerUnavailable
 from . import _redis_scripts as scripts
 from ._redis_request import HOLDING, WAITING, RedisLockRequest, describe
+from ._observers import emit, with_observer, without_observer
 from .keyed import KeyStatistics, LockEvent, LockStatistics, check_seconds
 
 if TYPE_CHECKING:
@@ -472,9 +473,7 @@ class RedisKeyedLock:
         Observers run on the event loop, in the task whose request the event is about (or in the lock's
         background task for a lost holder); an exception in an observer is logged and otherwise ignored.
         """
-        if not callable(observer):
-            raise TypeError(f"observer must be callable, got {observer!r}")
-        self._observers = (*self._observers, observer)
+        self._observers = with_observer(self._observers, observer)
 
     def remove_observer(self, observer: Callable[[LockEvent], object]) -> None:
         """Stop calling ``observer``.
@@ -482,12 +481,7 @@ class RedisKeyedLock:
         Raises:
             ValueError: it was not added.
         """
-        obs = list(self._observers)
-        try:
-            obs.remove(observer)
-        except ValueError:
-            raise ValueError(f"{observer!r} is not an observer of this lock") from None
-        self._observers = tuple(obs)
+        self._observers = without_observer(self._observers, observer)
 
     async def __aenter__(self) -> RedisKeyedLock:
         await self._ensure_started()
@@ -798,12 +792,7 @@ class RedisKeyedLock:
     # ----------------------------------------------------------------- bookkeeping
 
     def _emit(self, events: list[LockEvent]) -> None:
-        for observer in self._observers:
-            for event in events:
-                try:
-                    observer(event)
-                except Exception:  # an observer must never break locking
-                    logger.exception("RedisKeyedLock observer %r failed on %r", observer, event)
+        emit(self._observers, events, self)
 
     def _local_enter(self, req: RedisLockRequest) -> None:
         for n in req.names:
