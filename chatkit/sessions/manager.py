@@ -647,23 +647,7 @@ class SessionManager:
                 model, a tool, a node), or the graph stopped at ``interrupt()``.
             Exception: whatever the graph (model, tool, retriever) raised; nothing is saved.
         """
-        entry = self._admit(session_id, message, policy, create_if_missing, config, None)
-        error: BaseException | None = None
-        try:
-            with self._span(entry):
-                return await self._execute(entry, lambda token: self._run_turn(entry, token))
-        except asyncio.CancelledError as exc:
-            error = exc
-            task = entry.task
-            interrupted = None if task is None else self._superseded_error(entry, task)
-            if interrupted is None:
-                raise
-            raise interrupted from None
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self._finish(entry, error)
+        return await self._run_entry(self._admit(session_id, message, policy, create_if_missing, config, None))
 
     async def stream(
         self,
@@ -686,7 +670,7 @@ class SessionManager:
         """
         buffer = ChunkBuffer()
         entry = self._admit(session_id, message, policy, create_if_missing, config, buffer)
-        worker = entry.loop.create_task(self._stream_worker(entry), name=f"{entry.who} (stream)")
+        worker = entry.loop.create_task(self._run_entry(entry), name=f"{entry.who} (stream)")
         with self._guard:
             entry.task = worker
         worker.add_done_callback(lambda _: self._stream_done(entry))
@@ -717,7 +701,9 @@ class SessionManager:
         assert entry.buffer is not None
         entry.buffer.close()
 
-    async def _stream_worker(self, entry: Entry) -> ChatResult:
+    async def _run_entry(self, entry: Entry) -> ChatResult:
+        """Run an admitted turn to its end in the current task (the caller's for :meth:`chat`, a stream's
+        worker for :meth:`stream`); a cancellation by a newer message becomes :class:`TurnInterrupted`."""
         error: BaseException | None = None
         try:
             with self._span(entry):
